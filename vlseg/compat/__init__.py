@@ -1,0 +1,1 @@
+"""Compatibility helpers for the CPU-only environment (see README, "torchvision on CPU")."""

@@ -1,0 +1,1 @@
+"""Data: demo generator, datalist format, converters for public layouts, transforms."""

@@ -1,0 +1,169 @@
+"""MONAI dictionary transforms shared by all bundles and the app.
+
+Pipeline shape used by every bundle (see each ``configs/*.json``)::
+
+    LoadImaged(image, label) -> EnsureChannelFirstd -> EnsureRGBd(image) -> BinarizeLabeld(label)
+    -> SelectPromptd(text) -> TokenizeTextd(text) -> Resized / normalisation (bundle-specific)
+
+After it a batch holds ``image [B,3,H,W]``, ``label [B,1,H,W]``, ``text_ids [B,L]``, ``text_mask [B,L]`` and the
+raw ``text`` strings; ``PrepareBatchExtraInput(extra_keys=["text_ids", "text_mask"])`` feeds the token tensors to
+``network(image, text_ids, text_mask)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from vlseg.text.prompts import PromptError, validate_prompt
+from vlseg.text.tokenizers import TextTokenizer, build_tokenizer
+
+__all__ = ["EnsureRGBd", "BinarizeLabeld", "SelectPromptd", "TokenizeTextd", "SplitPredUncertaintyd", "ImageInputError"]
+
+
+class ImageInputError(ValueError):
+    """An image that cannot be segmented (wrong channels, empty, non-finite ...); message is user-facing."""
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+class EnsureRGBd(MapTransform):
+    """Channel-first image -> 3 channels in [0, 255] float32.
+
+    Grey (1) is repeated, grey+alpha (2) and RGBA (4) drop alpha; 16-bit or other ranges above 255 are rescaled
+    by their dtype's range (uint16) or by the image maximum. Non-finite values, empty images and other channel
+    counts raise :class:`ImageInputError`.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            t = _as_tensor(img)
+            if t.ndim != 3:
+                raise ImageInputError(f"'{key}' must be a 2D image with channels first, got shape {tuple(t.shape)}")
+            c, h, w = t.shape
+            if h < 2 or w < 2:
+                raise ImageInputError(f"'{key}' is too small ({h}x{w} pixels)")
+            was_uint16 = t.dtype in (torch.uint16, torch.int32) or (t.dtype == torch.int16)
+            t = t.float()
+            if not torch.isfinite(t).all():
+                raise ImageInputError(f"'{key}' has NaN or infinite values")
+            if c in (2, 4):
+                t = t[: c - 1]
+                c -= 1
+            if c == 1:
+                t = t.repeat(3, 1, 1)
+            elif c != 3:
+                raise ImageInputError(f"'{key}' has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+            vmax = float(t.max())
+            if vmax > 255.0:
+                t = t * (255.0 / (65535.0 if was_uint16 and vmax <= 65535 else vmax))
+            if hasattr(img, "copy_meta_from") or hasattr(img, "meta"):
+                from monai.data import MetaTensor
+
+                t = MetaTensor(t, meta=getattr(img, "meta", None), applied_operations=getattr(img, "applied_operations", None))
+            d[key] = t
+        return d
+
+
+class BinarizeLabeld(MapTransform):
+    """Mask -> float {0, 1}, 1 channel. Multi-channel masks (3-channel JPEG) take the channel maximum; values
+    are compared with ``threshold`` when the mask is 0..255 (JPEG needs it) and with 0.5 when already 0..1."""
+
+    def __init__(self, keys: KeysCollection = "label", threshold: float = 127.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = float(threshold)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            t = _as_tensor(lab).float()
+            if t.ndim == 2:
+                t = t[None]
+            if t.shape[0] > 1:
+                t = t.max(dim=0, keepdim=True).values
+            thr = self.threshold if float(t.max()) > 1.0 else 0.5
+            out = (t > thr).float()
+            if hasattr(lab, "meta"):
+                from monai.data import MetaTensor
+
+                out = MetaTensor(out, meta=lab.meta, applied_operations=getattr(lab, "applied_operations", []))
+            d[key] = out
+        return d
+
+
+class SelectPromptd(MapTransform):
+    """Choose and validate the prompt.
+
+    Order: ``override`` (a ``text`` given on the command line / by the app) -> ``data["prompts"][prompt_key]`` ->
+    ``data[key]`` -> ``default``. Raises :class:`vlseg.text.PromptError` for unusable prompts.
+    """
+
+    def __init__(self, keys: KeysCollection = "text", prompt_key: str | None = None, override: str | None = None,
+                 default: str | None = None, max_chars: int | None = None, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.prompt_key = prompt_key or None
+        self.override = override or None
+        self.default = default
+        self.max_chars = max_chars
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.keys:
+            text = self.override
+            if text is None and self.prompt_key is not None:
+                prompts = d.get("prompts") or {}
+                if self.prompt_key not in prompts:
+                    raise PromptError(f"prompt variant {self.prompt_key!r} not in this item (has {sorted(prompts)})")
+                text = prompts[self.prompt_key]
+            if text is None:
+                text = d.get(key)
+            if text is None:
+                text = self.default
+            d[key] = validate_prompt(text, max_chars=self.max_chars)
+        return d
+
+
+class TokenizeTextd(MapTransform):
+    """``data[text]`` -> ``data["text_ids"]``, ``data["text_mask"]`` (1-D long tensors of ``max_length``)."""
+
+    def __init__(self, keys: KeysCollection = "text", tokenizer: TextTokenizer | str = "minilm", max_length: int = 24,
+                 ids_key: str = "text_ids", mask_key: str = "text_mask"):
+        super().__init__(keys)
+        self.tokenizer = build_tokenizer(tokenizer, max_length) if isinstance(tokenizer, str) else tokenizer
+        self.ids_key, self.mask_key = ids_key, mask_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            ids, mask = self.tokenizer([d[key]])
+            d[self.ids_key], d[self.mask_key] = ids[0], mask[0]
+        return d
+
+
+class SplitPredUncertaintyd(MapTransform):
+    """Split the inferer's 2-channel output into ``pred`` (mean probability) and ``uncertainty`` (1 channel each)."""
+
+    def __init__(self, keys: KeysCollection = "pred", uncertainty_key: str = "uncertainty"):
+        super().__init__(keys)
+        self.uncertainty_key = uncertainty_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            out = d[key]
+            if out.shape[0] != 2:
+                raise ValueError(f"expected 2 channels (probability, uncertainty) in '{key}', got {out.shape[0]}")
+            d[key], d[self.uncertainty_key] = out[0:1], out[1:2]
+        return d

@@ -1,0 +1,42 @@
+"""Prompt validation: one place decides what a usable text prompt is (bundles and app alike)."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+
+__all__ = ["PromptError", "validate_prompt", "DEFAULT_MAX_PROMPT_CHARS"]
+
+#: Longest prompt accepted (characters). Configurable with the env var ``VLSEG_MAX_PROMPT_CHARS``.
+DEFAULT_MAX_PROMPT_CHARS = int(os.environ.get("VLSEG_MAX_PROMPT_CHARS", "1000"))
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used; the message says why (safe to show to a user)."""
+
+
+def validate_prompt(text, max_chars: int | None = None, allow_empty: bool = False) -> str:
+    """Return the cleaned prompt (whitespace collapsed) or raise :class:`PromptError`.
+
+    Rejects non-strings (bytes must be valid UTF-8), control characters other than whitespace, empty or
+    whitespace-only prompts (unless ``allow_empty``) and prompts longer than ``max_chars``.
+    """
+    limit = DEFAULT_MAX_PROMPT_CHARS if max_chars is None else int(max_chars)
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PromptError(f"prompt is not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise PromptError(f"prompt must be a string, got {type(text).__name__}")
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") and not c.isspace()]
+    if bad:
+        raise PromptError(f"prompt contains {len(bad)} control or non-printable character(s), e.g. {bad[0]!r}")
+    if len(text) > limit:
+        raise PromptError(f"prompt is {len(text)} characters long; the limit is {limit}")
+    cleaned = " ".join(text.split())
+    if not cleaned and not allow_empty:
+        raise PromptError("prompt is empty; give a text such as 'polyp'")
+    return cleaned
