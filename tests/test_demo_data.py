@@ -159,6 +159,8 @@ def test_prompts(small_set):
             assert item["text"] == prompts["p9"] == prompts["original"]
             for key in ("p2", "p5", "p7", "p8", "p9"):
                 assert item["size"] in prompts[key]
+            assert prompts["p3"] == f"{item['brightness']} {item['category']}"
+            assert prompts["p4"] == f"{item['shape']} {item['category']}"
             assert prompts["p6"] == f"{item['category']} in the {item['position']}"
             assert prompts["p9"].endswith(f" in the {item['position']} of the image")
             assert prompts["missing_location"] + f" in the {item['position']} of the image" == prompts["p9"]
@@ -263,10 +265,12 @@ def test_missing_file_or_overwrite_triggers_regeneration(tmp_path):
     image = tmp_path / "images/test/test_0001.png"
     image.unlink()
     generate_demo_dataset(tmp_path, **SMALL)
-    assert image.is_file()
-    before = image.stat().st_mtime_ns
-    generate_demo_dataset(tmp_path, overwrite=True, **SMALL)
-    assert image.stat().st_mtime_ns >= before and image.is_file()
+    original = image.read_bytes()
+    image.write_bytes(b"corrupted")  # not detected without overwrite (only existence is checked) ...
+    generate_demo_dataset(tmp_path, **SMALL)
+    assert image.read_bytes() == b"corrupted"
+    generate_demo_dataset(tmp_path, overwrite=True, **SMALL)  # ... but overwrite rewrites everything
+    assert image.read_bytes() == original
 
 
 def test_default_root(monkeypatch):
