@@ -213,6 +213,9 @@ def test_stem_matching_is_exact_and_reports_ambiguity(tmp_path):
     # "case1" != "Case1" (case-sensitive, no fuzzy matching); "Case1.bmp" -> Case1.jpg by stem
     assert c["matched"] == 1 and c["rows_without_image"] == 1 and c["ambiguous"] == 1
     assert dl["training"][0]["image"].endswith("Case1.jpg") and dl["training"][0]["label"].endswith("Case1.png")
+    from vlseg.data.convert import _stem
+
+    assert [_stem(n) for n in ("a.PNG", "b.nii.gz", "case.01", "TCGA-1.2.tif", " d.png\n")] == ["a", "b", "case.01", "TCGA-1.2", "d"]
 
 
 def test_datalist_paths_resolve_with_monai(tmp_path):

@@ -34,14 +34,12 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
+
+from vlseg.data.transforms import BinarizeLabeld  # re-exported: masks are binarised on load
 
 __all__ = [
     "SPLITS",
@@ -83,14 +81,16 @@ class ConversionError(ValueError):
 # small helpers
 # ----------------------------------------------------------------------------------------------
 def _stem(name: str) -> str:
-    """File name without folder and without its (image) extension; ``a.nii.gz`` -> ``a``."""
+    """File name without folder and without its image extension (``a.nii.gz`` -> ``a``, ``x.PNG`` -> ``x``).
+
+    Only known image extensions are removed, so ``case.01`` stays ``case.01``.
+    """
     base = os.path.basename(str(name).strip())
     low = base.lower()
-    for ext in (".nii.gz",):
-        if low.endswith(ext):
+    for ext in sorted(IMAGE_EXTENSIONS, key=len, reverse=True):
+        if low.endswith(ext) and len(base) > len(ext):
             return base[: -len(ext)]
-    root, _ = os.path.splitext(base)
-    return root
+    return base
 
 
 def _is_image_file(path: Path) -> bool:
@@ -811,55 +811,3 @@ def load_datalist(
 # ----------------------------------------------------------------------------------------------
 # label binarisation on load
 # ----------------------------------------------------------------------------------------------
-class BinarizeLabeld(MapTransform):
-    """Binarise a loaded mask to one float32 channel of {0, 1}.
-
-    Input ``[C, H, W(, D)]`` (channel first, e.g. after ``EnsureChannelFirstd``) or ``[H, W]``. Several
-    channels (an RGB JPEG mask) are reduced with ``reduction`` (``"mean"`` or ``"max"``) over ``channel_dim``.
-    Then ``> threshold`` when the mask's maximum is > 1 (0..255 masks, JPEG noise included), else
-    ``> unit_threshold`` (masks already in [0, 1]). Output: ``[1, H, W(, D)]`` float32, same array type
-    (numpy / torch / MetaTensor, metadata kept).
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        threshold: float = 127,
-        unit_threshold: float = 0.5,
-        reduction: str = "mean",
-        channel_dim: int = 0,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if reduction not in ("mean", "max"):
-            raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
-        self.threshold, self.unit_threshold = float(threshold), float(unit_threshold)
-        self.reduction, self.channel_dim = reduction, channel_dim
-
-    def binarize(self, x: Any) -> Any:
-        """Binarise one array (numpy, torch tensor or MetaTensor)."""
-        if isinstance(x, torch.Tensor):
-            x = x.float()
-            if x.ndim == 2:
-                x = x.unsqueeze(0)
-            else:
-                cd = self.channel_dim
-                x = x.mean(dim=cd, keepdim=True) if self.reduction == "mean" else x.amax(dim=cd, keepdim=True)
-                x = x.movedim(cd, 0)
-            thr = self.threshold if x.numel() and float(x.max()) > 1 else self.unit_threshold
-            return (x > thr).to(torch.float32)
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim == 2:
-            x = x[None]
-        else:
-            cd = self.channel_dim
-            x = x.mean(axis=cd, keepdims=True) if self.reduction == "mean" else x.max(axis=cd, keepdims=True)
-            x = np.moveaxis(x, cd, 0)
-        thr = self.threshold if x.size and float(x.max()) > 1 else self.unit_threshold
-        return (x > thr).astype(np.float32)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.binarize(d[key])
-        return d

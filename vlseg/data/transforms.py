@@ -13,6 +13,7 @@ raw ``text`` strings; ``PrepareBatchExtraInput(extra_keys=["text_ids", "text_mas
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,29 +78,56 @@ class EnsureRGBd(MapTransform):
 
 
 class BinarizeLabeld(MapTransform):
-    """Mask -> float {0, 1}, 1 channel. Multi-channel masks (3-channel JPEG) take the channel maximum; values
-    are compared with ``threshold`` when the mask is 0..255 (JPEG needs it) and with 0.5 when already 0..1."""
+    """Binarise a loaded mask to one float32 channel of {0, 1}.
 
-    def __init__(self, keys: KeysCollection = "label", threshold: float = 127.0, allow_missing_keys: bool = False):
+    Input ``[C, H, W(, D)]`` (channel first, e.g. after ``EnsureChannelFirstd``) or ``[H, W]``. Several
+    channels (an RGB JPEG mask) are reduced with ``reduction`` (``"mean"`` or ``"max"``) over ``channel_dim``.
+    Then ``> threshold`` when the mask's maximum is > 1 (0..255 masks, JPEG noise included), else
+    ``> unit_threshold`` (masks already in [0, 1]). Output: ``[1, H, W(, D)]`` float32, same array type
+    (numpy / torch / MetaTensor, metadata kept).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "label",
+        threshold: float = 127,
+        unit_threshold: float = 0.5,
+        reduction: str = "mean",
+        channel_dim: int = 0,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.threshold = float(threshold)
+        if reduction not in ("mean", "max"):
+            raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
+        self.threshold, self.unit_threshold = float(threshold), float(unit_threshold)
+        self.reduction, self.channel_dim = reduction, channel_dim
 
-    def __call__(self, data):
+    def binarize(self, x: Any) -> Any:
+        """Binarise one array (numpy, torch tensor or MetaTensor)."""
+        if isinstance(x, torch.Tensor):
+            x = x.float()
+            if x.ndim == 2:
+                x = x.unsqueeze(0)
+            else:
+                cd = self.channel_dim
+                x = x.mean(dim=cd, keepdim=True) if self.reduction == "mean" else x.amax(dim=cd, keepdim=True)
+                x = x.movedim(cd, 0)
+            thr = self.threshold if x.numel() and float(x.max()) > 1 else self.unit_threshold
+            return (x > thr).to(torch.float32)
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        else:
+            cd = self.channel_dim
+            x = x.mean(axis=cd, keepdims=True) if self.reduction == "mean" else x.max(axis=cd, keepdims=True)
+            x = np.moveaxis(x, cd, 0)
+        thr = self.threshold if x.size and float(x.max()) > 1 else self.unit_threshold
+        return (x > thr).astype(np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            lab = d[key]
-            t = _as_tensor(lab).float()
-            if t.ndim == 2:
-                t = t[None]
-            if t.shape[0] > 1:
-                t = t.max(dim=0, keepdim=True).values
-            thr = self.threshold if float(t.max()) > 1.0 else 0.5
-            out = (t > thr).float()
-            if hasattr(lab, "meta"):
-                from monai.data import MetaTensor
-
-                out = MetaTensor(out, meta=lab.meta, applied_operations=getattr(lab, "applied_operations", []))
-            d[key] = out
+            d[key] = self.binarize(d[key])
         return d
 
 

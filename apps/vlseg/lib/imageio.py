@@ -1,0 +1,164 @@
+"""File handling of the vlseg app: which inputs are 2D images or volumes, slicing volumes for the 2D bundles,
+and writing the mask / uncertainty files the viewers load.
+
+Array layout: 2D arrays here are row-major ``[row, col]`` like ``numpy.asarray(PIL.Image.open(png))``; a volume
+slice ``np.take(vol, k, axis)`` is treated like such a PNG (for the default axis 2, ``vol[:, :, k]``: array
+axis 0 = rows, axis 1 = columns, as the demo volumes are made).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "IMAGE_2D_EXT",
+    "VOLUME_EXT",
+    "image_kind",
+    "read_image_2d_shape",
+    "load_volume",
+    "window_to_uint8",
+    "write_slice_png",
+    "load_label_2d",
+    "write_mask_png",
+    "write_uncertainty_png16",
+    "write_like_volume",
+    "write_2d_nifti",
+    "npy_base64",
+    "UNCERTAINTY_PNG_SCALE",
+]
+
+IMAGE_2D_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_EXT = (".nii.gz", ".nii")
+#: 2D uncertainty maps are written as 16-bit PNG holding round(u * 65535).
+UNCERTAINTY_PNG_SCALE = 65535
+
+
+def image_kind(path: str) -> str | None:
+    """``"2d"``, ``"volume"`` or None (unsupported) from the file name."""
+    name = str(path).lower()
+    if name.endswith(VOLUME_EXT):
+        return "volume"
+    if name.endswith(IMAGE_2D_EXT):
+        return "2d"
+    return None
+
+
+def read_image_2d_shape(path: str) -> tuple[int, int]:
+    """(rows, cols) of a 2D image file without decoding all pixels."""
+    with Image.open(path) as im:
+        w, h = im.size
+    return h, w
+
+
+def load_volume(path: str):
+    """``(nibabel image, float32 array)``; a trailing singleton 4th axis is dropped, other 4D volumes refused."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("the volume has NaN or infinite voxels")
+    return img, arr
+
+
+def window_to_uint8(volume: np.ndarray) -> np.ndarray:
+    """Map a volume to 0..255 for the 2D bundles, the same way for inference and training.
+
+    Integer volumes already within 0..255 are kept as they are; anything else is linearly mapped from its
+    0.5th..99.5th percentile to 0..255 (clipped), one window for the whole volume so slices stay comparable.
+    """
+    v = np.asarray(volume, dtype=np.float32)
+    if v.size and v.min() >= 0 and v.max() <= 255 and np.all(np.mod(v, 1) == 0):
+        return v.astype(np.uint8)
+    lo, hi = np.percentile(v, [0.5, 99.5]) if v.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((v - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
+
+
+def write_slice_png(slice_u8: np.ndarray, path) -> str:
+    Image.fromarray(np.ascontiguousarray(slice_u8), mode="L").save(str(path), format="PNG")
+    return str(path)
+
+
+def load_label_2d(path: str, shape_hw: tuple[int, int]) -> np.ndarray:
+    """A saved label for a 2D image as a row-major integer array of ``shape_hw``.
+
+    PNG / JPEG labels are read as they are (channel maximum for colour files); NIfTI / NRRD labels (3D Slicer
+    saves 2D segmentations as volumes with a singleton axis) are indexed ``[x=col, y=row]`` and transposed.
+    """
+    name = str(path).lower()
+    if name.endswith(IMAGE_2D_EXT):
+        with Image.open(path) as im:
+            a = np.asarray(im)
+        if a.ndim == 3:
+            a = a.max(axis=2)
+    else:
+        if name.endswith(VOLUME_EXT):
+            import nibabel as nib
+
+            a = np.asarray(nib.load(str(path)).dataobj)
+        else:
+            import itk
+
+            a = itk.array_from_image(itk.imread(str(path))).T  # itk arrays are [z, y, x]
+        a = np.squeeze(a)
+        if a.ndim != 2:
+            raise ValueError(f"label {os.path.basename(path)} has shape {a.shape}; expected a 2D mask")
+        a = a.T
+    if tuple(a.shape) != tuple(shape_hw):
+        raise ValueError(f"label {os.path.basename(path)} has shape {a.shape}, the image {tuple(shape_hw)}")
+    return np.rint(a).astype(np.int64) if a.dtype.kind == "f" else a.astype(np.int64)
+
+
+def write_mask_png(mask_hw: np.ndarray, path) -> str:
+    Image.fromarray(np.ascontiguousarray(mask_hw.astype(np.uint8)), mode="L").save(str(path), format="PNG")
+    return str(path)
+
+
+def write_uncertainty_png16(unc_hw: np.ndarray, path) -> str:
+    q = np.clip(np.rint(np.asarray(unc_hw, dtype=np.float64) * UNCERTAINTY_PNG_SCALE), 0, UNCERTAINTY_PNG_SCALE)
+    Image.fromarray(np.ascontiguousarray(q.astype(np.uint16))).save(str(path), format="PNG")
+    return str(path)
+
+
+def write_like_volume(ref_img, array: np.ndarray, path, dtype) -> str:
+    """Save ``array`` (same voxel grid as ``ref_img``) as NIfTI with the reference affine and header."""
+    import nibabel as nib
+
+    hdr = ref_img.header.copy()
+    out = nib.Nifti1Image(np.asarray(array).astype(dtype), ref_img.affine, header=hdr)
+    out.set_data_dtype(dtype)
+    out.header["scl_slope"], out.header["scl_inter"] = 1.0, 0.0
+    nib.save(out, str(path))
+    return str(path)
+
+
+def write_2d_nifti(array_hw: np.ndarray, path, dtype) -> str:
+    """A 2D map as NIfTI indexed ``[x=col, y=row]`` (how 3D Slicer loads the PNG), identity affine."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.asarray(array_hw).T).astype(dtype), np.eye(4)), str(path))
+    return str(path)
+
+
+def npy_base64(array: np.ndarray) -> str:
+    """``base64(numpy.save(float32 array))``: decode with ``np.load(io.BytesIO(base64.b64decode(s)))``."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, dtype=np.float32))
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def suffix_of(path) -> str:
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix

@@ -1,0 +1,1 @@
+# vlseg MONAI Label app

@@ -1,0 +1,211 @@
+"""vlseg MONAI Label app: text-prompted, uncertainty-aware segmentation with every bundle of a folder.
+
+    monailabel start_server --app apps/vlseg --studies <images folder> --conf variant small
+
+Configuration (``--conf key value``):
+
+============================  ==========================================================================
+``bundles_dir``               folder of bundles (default ``<repo>/bundles``); only bundles found there load
+``models``                    comma-separated subset of bundle folder names (default: all)
+``variant``                   size variant override file merged after the main configs: ``''``, ``small``,
+                              ``tiny`` (default ``''``: the paper-faithful default config)
+``labels``                    label words for class prompts, ids 1.. in order (default ``polyp,cyst,lesion``)
+``default_prompt``            prompt used when a request has none (default: the bundle's ``text``, else the
+                              first label word)
+``max_samples``               largest ``num_samples`` a request may ask for (default 64)
+``volume_axis``               axis along which NIfTI volumes are cut into 2D slices (default 2)
+``uncertainty_tag``           datastore label tag of stored uncertainty maps (default ``uncertainty``)
+``store_uncertainty``         store each uncertainty map in the datastore (default true)
+``scoring_model``             bundle used for active-learning scoring (default: the first one loaded)
+``scoring_samples``           stochastic passes per image when scoring (default 8)
+``scoring_prompts``           ``labels`` | ``default`` | ``caption`` (default ``labels``)
+``scoring_max_images``        score at most this many unlabelled images per run (default 0 = all)
+``train_epochs``              default ``max_epochs`` of the train tasks (default 10)
+``skip_trainers``             do not create train tasks (default false)
+``cache_dir``                 app working files: training masks and datalists, train records
+                              (default ``<app>/model/vlseg/<hash of studies path>``)
+============================  ==========================================================================
+
+A bundle that cannot be loaded (no checkpoint, a checkpoint of another variant, a broken config) is logged with
+the reason and the fix, listed under ``/info`` -> ``vlseg`` -> ``skipped`` and left out; the others load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Dict
+
+import vlseg
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import strtobool
+
+from lib.activelearning.uncertainty import MostUncertain
+from lib.datastore import PromptCheckingDatastore
+from lib.infers.text_bundle import TextBundleInferTask
+from lib.params import parse_label_names
+from lib.scoring.uncertainty import UncertaintyScoring
+from lib.trainers.text_bundle import TextBundleTrainTask
+from vlseg.app_support.bundles import BundleError, checkpoint_path, discover_bundles
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_BUNDLES_DIR = os.path.normpath(os.path.join(APP_DIR, "..", "..", "bundles"))
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        conf = conf or {}
+        self.bundles_dir = os.path.abspath(os.path.expanduser(conf.get("bundles_dir") or DEFAULT_BUNDLES_DIR))
+        self.variant = conf.get("variant", "") or ""
+        self.label_names = parse_label_names(conf.get("labels"))
+        self.uncertainty_tag = conf.get("uncertainty_tag", "uncertainty")
+        key = hashlib.sha1(os.path.realpath(studies).encode()).hexdigest()[:10] if not studies.startswith("http") else "remote"
+        self.cache_dir = os.path.abspath(conf.get("cache_dir") or os.path.join(app_dir, "model", "vlseg", key))
+        self.skipped: Dict[str, str] = {}
+        try:
+            self.bundles = discover_bundles(self.bundles_dir, conf.get("models"))
+        except BundleError as e:
+            logger.error("vlseg: %s", e)
+            self.bundles = {}
+        logger.info("vlseg: bundles in %s: %s (variant %r)", self.bundles_dir, list(self.bundles), self.variant)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="vlseg - text-prompted segmentation with uncertainty",
+            description="Text-prompted, uncertainty-aware segmentation served from MONAI bundles "
+            "(UA-VLS, MedCLIPSeg, Simple-ViLMedSAM re-implementations).",
+            version=vlseg.__version__,
+            labels=self.label_names,
+        )
+
+    # ------------------------------------------------------------------ tasks
+    def init_datastore(self):
+        if self.studies.startswith("http://") or self.studies.startswith("https://"):
+            return super().init_datastore()
+        return PromptCheckingDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped[name] = reason
+        logger.error("vlseg: bundle %r skipped: %s", name, reason)
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        infers: Dict[str, InferTask] = {}
+        for name, path in self.bundles.items():
+            if not checkpoint_path(path).is_file():
+                self._skip(name, f"no checkpoint {checkpoint_path(path)}; make one with: python -m "
+                                 f"vlseg.app_support.checkpoints --bundle {path} --variant {self.variant!r}")
+                continue
+            try:
+                task = TextBundleInferTask(
+                    str(path),
+                    self.conf,
+                    variant=self.variant,
+                    label_names=self.label_names,
+                    default_prompt=self.conf.get("default_prompt") or None,
+                    max_samples=int(self.conf.get("max_samples", 64)),
+                    volume_axis=int(self.conf.get("volume_axis", 2)),
+                    datastore=self.datastore(),
+                    uncertainty_tag=self.uncertainty_tag,
+                    store_uncertainty=strtobool(self.conf.get("store_uncertainty", "true")),
+                )
+            except Exception as e:  # one broken bundle must not stop the others
+                logger.exception("vlseg: loading bundle %r failed", name)
+                self._skip(name, f"{type(e).__name__}: {e}")
+                continue
+            if not task.is_valid():
+                self._skip(name, "MONAI Label's BundleInferTask rejected it (see the log above)")
+                continue
+            infers[name] = task
+            logger.info("vlseg: +++ infer task %r (variant %r, default prompt %r)", name, self.variant,
+                        task.default_prompt)
+        return infers
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        trainers: Dict[str, TrainTask] = {}
+        if strtobool(self.conf.get("skip_trainers", "false")):
+            return trainers
+        for name in self._infers:
+            try:
+                t = TextBundleTrainTask(str(self.bundles[name]), self.conf, variant=self.variant,
+                                        cache_dir=os.path.join(self.cache_dir, "train"),
+                                        default_epochs=int(self.conf.get("train_epochs", 10)),
+                                        volume_axis=int(self.conf.get("volume_axis", 2)))
+            except Exception as e:
+                logger.exception("vlseg: train task for %r failed", name)
+                self.skipped[f"{name} (training)"] = f"{type(e).__name__}: {e}"
+                continue
+            if t.is_valid():
+                trainers[name] = t
+        return trainers
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"uncertainty": MostUncertain(), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        if not self._infers:
+            return {}
+        model = self.conf.get("scoring_model") or next(iter(self._infers))
+        if model not in self._infers:
+            logger.error("vlseg: scoring_model %r is not loaded; using %r", model, next(iter(self._infers)))
+            model = next(iter(self._infers))
+        return {
+            "uncertainty": UncertaintyScoring(
+                self._infers,
+                model=model,
+                num_samples=int(self.conf.get("scoring_samples", 8)),
+                prompts=self.conf.get("scoring_prompts", "labels"),
+                max_images=int(self.conf.get("scoring_max_images", 0)),
+                label_names=self.label_names,
+            )
+        }
+
+    # ------------------------------------------------------------------ requests
+    def info(self):
+        i = super().info()
+        i["vlseg"] = {
+            "bundles_dir": self.bundles_dir,
+            "variant": self.variant,
+            "label_names": self.label_names,
+            "skipped": self.skipped,
+            "uncertainty_tag": self.uncertainty_tag,
+            "uncertainty_url": f"/datastore/label?label=<image id>&tag={self.uncertainty_tag}",
+        }
+        return i
+
+    def infer(self, request, datastore=None):
+        from fastapi import HTTPException
+
+        model = request.get("model")
+        if model and model not in self._infers:
+            why = f" ({self.skipped[model]})" if model in self.skipped else ""
+            raise HTTPException(status_code=404, detail=f"unknown model {model!r}{why}; available: {sorted(self._infers)}")
+        request = dict(request)
+        request.pop("vlseg_image_id", None)
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            ds = datastore if datastore else self.datastore()
+            if not ds.get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+            request["vlseg_image_id"] = image
+        return super().infer(request, datastore)
+
+    def on_save_label(self, image_id, label_id):
+        info = self.datastore().get_label_info(label_id, "final") if hasattr(self.datastore(), "get_label_info") else {}
+        logger.info("vlseg: label saved for %s (prompt %r)", image_id, (info or {}).get("text"))
+        return {}

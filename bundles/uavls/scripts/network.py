@@ -1,0 +1,181 @@
+"""The UA-VLS network: ConvNeXt image encoder (eq. 1), frozen BERT text encoder (eq. 2), three MoDAB decoder
+stages (eq. 3-21) and the sub-pixel head (eq. 22-25).
+
+Calling convention shared by all vlseg bundles::
+
+    logits = UAVLS(...)(image [B,3,H,W], text_ids [B,L], text_mask [B,L])   # -> [B, 1, H, W]
+
+``H`` and ``W`` must be multiples of 32 (ConvNeXt's output stride); the paper uses 224.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from monai.networks.blocks import SubpixelUpsample, UnetOutBlock, UnetrUpBlock
+from torch import nn
+
+from scripts.modab import MoDAB
+from vlseg.nets.common import as_token_tensor, freeze
+from vlseg.text.encoders import build_text_encoder
+
+__all__ = ["ImageEncoder", "TextEncoder", "DecoderStage", "SubpixelHead", "UAVLS"]
+
+logger = logging.getLogger("vlseg")
+
+CONVNEXT_FETCH = (
+    "Fetch the ImageNet weights listed in bundles/uavls/large_files.yml "
+    "(https://huggingface.co/timm/convnext_tiny.fb_in1k/resolve/main/model.safetensors) to that path."
+)
+
+
+class ImageEncoder(nn.Module):
+    """Eq. 1: ``I'_i = V_e(I)``, the four stages of a timm ConvNeXt (``features_only``), trainable.
+
+    ``weights``: local timm/ImageNet checkpoint (``.safetensors``/``.pth``) loaded through timm's own loader
+    (``pretrained_cfg_overlay={"file": ...}``, never a download). Missing file -> random weights + one warning.
+    ``kwargs`` go to ``timm.create_model`` (e.g. ``dims``/``depths`` for the narrow demo variants).
+    """
+
+    def __init__(self, name: str = "convnext_tiny", weights: str | None = None, **kwargs):
+        super().__init__()
+        import timm
+
+        self.pretrained = bool(weights) and Path(weights).is_file()
+        if weights and not self.pretrained:
+            logger.warning("UA-VLS image encoder %s: weights file %r not found -> RANDOM (trainable) weights. %s",
+                           name, weights, CONVNEXT_FETCH)
+        elif not weights:
+            logger.info("UA-VLS image encoder %s: no weights configured, random initialisation.", name)
+        extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}} if self.pretrained else {}
+        self.body = timm.create_model(name, features_only=True, **extra, **kwargs)
+        self.channels = list(self.body.feature_info.channels())
+        if len(self.channels) != 4:
+            raise ValueError(f"{name} gives {len(self.channels)} feature stages; UA-VLS needs 4")
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(image)
+
+
+class TextEncoder(nn.Module):
+    """Eq. 2: ``T' = T_e(T)``, token states ``[B, N, D]`` of a BERT-style encoder (``vlseg.text``).
+
+    Frozen unless ``trainable``; while frozen it stays in eval mode, runs without autograd and its dropout
+    probabilities are set to 0, so Monte-Carlo dropout never perturbs it.
+    """
+
+    def __init__(self, spec: str = "cxr-bert", weights: str | None = None, trainable: bool = False,
+                 config_overrides: dict | None = None):
+        super().__init__()
+        self.encoder = build_text_encoder(spec, weights=weights, config_overrides=config_overrides)
+        self.spec = spec
+        self.pretrained = bool(self.encoder.pretrained)
+        self.hidden_size = int(self.encoder.hidden_size)
+        self.trainable = bool(trainable)
+        freeze(self.encoder, frozen=not self.trainable)
+        if not self.trainable:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:
+            self.encoder.eval()
+        return self
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.trainable:
+            return self.encoder(ids, mask)
+        with torch.no_grad():
+            return self.encoder(ids, mask)
+
+
+class DecoderStage(nn.Module):
+    """One decoder stage: MoDAB fusion on the coarse map (eq. 3-12), then MONAI ``UnetrUpBlock``:
+    2x2 stride-2 transposed convolution (eq. 20), concatenation with the encoder skip and the convolutional
+    refinement block -- two conv3x3 + BatchNorm + LeakyReLU (eq. 21)."""
+
+    def __init__(self, in_channels: int, out_channels: int, text_dim: int, in_tokens: int, out_tokens: int,
+                 **modab_kwargs):
+        super().__init__()
+        self.modab = MoDAB(in_channels, text_dim=text_dim, in_tokens=in_tokens, out_tokens=out_tokens, **modab_kwargs)
+        self.up = UnetrUpBlock(2, in_channels, out_channels, kernel_size=3, upsample_kernel_size=2, norm_name="BATCH")
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.up(self.modab(x, text), skip)
+
+
+class SubpixelHead(nn.Module):
+    """Eq. 22-25: MONAI ``SubpixelUpsample`` (conv3x3 -> pixel shuffle x r (eq. 22-23) -> replication pad +
+    r x r average pooling (eq. 24)) and ``UnetOutBlock`` (1x1 conv to the output channels, eq. 25)."""
+
+    def __init__(self, in_channels: int, mid_channels: int = 24, out_channels: int = 1, scale: int = 4):
+        super().__init__()
+        self.subpixel = SubpixelUpsample(2, in_channels, mid_channels, scale_factor=scale, apply_pad_pool=True)
+        self.out = UnetOutBlock(2, mid_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.subpixel(x))
+
+
+class UAVLS(nn.Module):
+    """UA-VLS (Das et al., WACV 2026): text-prompted binary segmentation, ``(image, ids, mask) -> logits``.
+
+    Args:
+        image_encoder / image_encoder_kwargs / image_weights: timm model name (``convnext_tiny``), extra
+            ``timm.create_model`` arguments, local ImageNet checkpoint (see :class:`ImageEncoder`).
+        text_encoder / text_weights / text_encoder_overrides: ``vlseg.text.build_text_encoder`` spec
+            (``"cxr-bert"`` = paper, ``"minilm"`` = pretrained offline choice), local weights, config overrides.
+        train_text_encoder: let the otherwise frozen text encoder train (only sensible without weights).
+        text_tokens: N, tokens per prompt (24). decoder_tokens: SSMix output tokens per stage (24, 12, 9).
+        num_heads, attn_drop, proj_drop, cross_attn_drop, alpha_init, qk_norm: MoDAB settings.
+        ssmix: SSMix keyword arguments (d_state, d_conv, expand, use_kernel, ...).
+        subpixel_channels: channels after pixel shuffle (24). out_channels: 1 (foreground logit).
+    """
+
+    def __init__(self, image_encoder: str = "convnext_tiny", image_encoder_kwargs: dict | None = None,
+                 image_weights: str | None = None, text_encoder: str = "cxr-bert", text_weights: str | None = None,
+                 text_encoder_overrides: dict | None = None, train_text_encoder: bool = False, text_tokens: int = 24,
+                 decoder_tokens=(24, 12, 9), num_heads: int = 4, attn_drop: float = 0.1, proj_drop: float = 0.1,
+                 cross_attn_drop: float = 0.1, alpha_init: float = 1.421, qk_norm: bool = True,
+                 ssmix: dict | None = None, subpixel_channels: int = 24, out_channels: int = 1):
+        super().__init__()
+        self.image_encoder = ImageEncoder(image_encoder, image_weights, **(image_encoder_kwargs or {}))
+        self.text_encoder = TextEncoder(text_encoder, text_weights, train_text_encoder, text_encoder_overrides)
+        self.text_tokens = int(text_tokens)
+        ch = self.image_encoder.channels  # e.g. [96, 192, 384, 768]
+        toks = [self.text_tokens] + [int(t) for t in decoder_tokens]
+        if len(toks) != 4:
+            raise ValueError(f"decoder_tokens needs 3 entries, got {decoder_tokens}")
+        mk = dict(num_heads=num_heads, attn_drop=attn_drop, proj_drop=proj_drop, cross_attn_drop=cross_attn_drop,
+                  alpha_init=alpha_init, qk_norm=qk_norm, ssmix=ssmix)
+        d = self.text_encoder.hidden_size
+        self.decoders = nn.ModuleList(
+            [DecoderStage(ch[3 - m], ch[2 - m], d, toks[0], toks[m + 1], **mk) for m in range(3)]
+        )
+        self.head = SubpixelHead(ch[0], subpixel_channels, out_channels, scale=self.image_encoder.body.feature_info.reduction()[0])
+
+    def encode_text(self, text_ids, text_mask=None, batch_size: int | None = None, device=None) -> torch.Tensor:
+        ids = as_token_tensor(text_ids, device)
+        mask = as_token_tensor(text_mask, device) if text_mask is not None else torch.ones_like(ids)
+        if ids.shape[1] != self.text_tokens:
+            raise ValueError(f"UA-VLS expects {self.text_tokens} text tokens per prompt, got {ids.shape[1]}")
+        if batch_size is not None and ids.shape[0] == 1 and batch_size > 1:
+            ids, mask = ids.expand(batch_size, -1), mask.expand(batch_size, -1)
+        return self.text_encoder(ids, mask)  # eq. 2
+
+    def forward(self, image: torch.Tensor, text_ids=None, text_mask=None) -> torch.Tensor:
+        if text_ids is None:
+            raise ValueError("UA-VLS needs a text prompt (token ids); an empty prompt is not defined by the method")
+        if image.shape[-1] % 32 or image.shape[-2] % 32:
+            raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of 32")
+        feats = self.image_encoder(image)  # eq. 1
+        text = self.encode_text(text_ids, text_mask, image.shape[0], image.device).to(feats[0].dtype)
+        x = feats[3]
+        for m, stage in enumerate(self.decoders):
+            x = stage(x, feats[2 - m], text)  # eq. 3-21
+        return self.head(x)  # eq. 22-25

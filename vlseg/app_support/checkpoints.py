@@ -1,0 +1,192 @@
+"""Make sure a bundle has a checkpoint for the size variant the app will serve.
+
+``ensure_checkpoint(bundle_dir, variant)`` returns ``models/model.pt`` when it exists (and, if a record says which
+variant made it, that it is the asked variant); otherwise it runs the bundle's own training,
+``python -m monai.bundle run --config_file "['configs/train.json','configs/<variant>.json']"``, in a subprocess
+with the bundle folder on ``PYTHONPATH``, and records the variant in ``models/vlseg_checkpoint.json``.
+
+Command line (one bundle, or every bundle of a folder)::
+
+    python -m vlseg.app_support.checkpoints --bundles-dir bundles --variant small
+    python -m vlseg.app_support.checkpoints --bundle bundles/uavls --variant tiny --datalist /tmp/demo/datalist.json \
+        --max-epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlseg.app_support.bundles import (
+    CHECKPOINT_RECORD,
+    BundleError,
+    checkpoint_path,
+    config_files,
+    discover_bundles,
+    file_sha256,
+    read_checkpoint_record,
+    repo_bundles_dir,
+)
+
+__all__ = ["ensure_checkpoint", "train_command", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epochs: int | None = None,
+                  overrides: dict | None = None) -> list[str]:
+    """The ``monai.bundle run`` command line training ``bundle_dir`` with its ``variant`` override file."""
+    bundle_dir = Path(bundle_dir).resolve()
+    files = [str(p) for p in config_files(bundle_dir, "train", variant)]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "run",
+           "--meta_file", str(bundle_dir / "configs" / "metadata.json"),
+           "--config_file", json.dumps(files).replace('"', "'"),
+           "--bundle_root", str(bundle_dir)]
+    logging_conf = bundle_dir / "configs" / "logging.conf"
+    if logging_conf.is_file():
+        cmd += ["--logging_file", str(logging_conf)]
+    if datalist is not None:
+        cmd += ["--datalist", str(Path(datalist).resolve())]
+    if max_epochs is not None:
+        cmd += ["--train#trainer#max_epochs", str(int(max_epochs))]
+    for k, v in (overrides or {}).items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    return cmd
+
+
+def _bundle_env(bundle_dir: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(bundle_dir), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float | None, log_path: Path | None) -> int:
+    """Run ``cmd`` in its own process group; on timeout stop that group (children first) and raise."""
+    out = open(log_path, "w") if log_path else None
+    try:
+        proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop_tree(proc)
+            raise BundleError(f"training {cwd.name} did not finish within {timeout:.0f} s (stopped)") from None
+        except BaseException:
+            _stop_tree(proc)
+            raise
+    finally:
+        if out:
+            out.close()
+
+
+def _stop_tree(proc: subprocess.Popen) -> None:
+    try:
+        import psutil
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        for c in children:
+            c.terminate()
+        psutil.wait_procs(children, timeout=10)
+    except Exception:  # psutil missing or process gone
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, max_epochs: int | None = None,
+                      timeout: float | None = None, force: bool = False, log_path=None,
+                      overrides: dict | None = None) -> Path:
+    """Return ``<bundle>/models/model.pt``, training the ``variant`` first if needed.
+
+    Trains when the checkpoint is missing, when ``force``, or when ``models/vlseg_checkpoint.json`` records a
+    different variant (the old file is kept as ``models/model.<old variant>.pt``). ``datalist`` (default: the
+    bundle's own default, the demo set) and ``max_epochs`` (default: the variant's) are passed as overrides.
+    Raises :class:`BundleError` when training fails, times out or writes no checkpoint.
+    """
+    bundle_dir = Path(bundle_dir).resolve()
+    variant = variant or None
+    ckpt = checkpoint_path(bundle_dir)
+    record = read_checkpoint_record(bundle_dir)
+    if ckpt.is_file() and not force:
+        made_by = record.get("variant", "") if record else None
+        if made_by is None or made_by == (variant or ""):
+            return ckpt
+        backup = ckpt.with_name(f"model.{made_by or 'default'}.pt")
+        logger.warning("%s: models/model.pt was made for variant %r, not %r; keeping it as %s and retraining",
+                       bundle_dir.name, made_by, variant, backup.name)
+        shutil.move(str(ckpt), str(backup))
+    cmd = train_command(bundle_dir, variant, datalist, max_epochs, overrides)
+    logger.info("%s: training variant %r for a checkpoint: %s", bundle_dir.name, variant, " ".join(cmd))
+    before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
+    start = time.time()
+    rc = _run(cmd, bundle_dir, _bundle_env(bundle_dir), timeout, Path(log_path) if log_path else None)
+    seconds = time.time() - start
+    if rc != 0:
+        where = f"; log: {log_path}" if log_path else ""
+        raise BundleError(f"training {bundle_dir.name} (variant {variant!r}) failed with exit code {rc}{where}")
+    if not ckpt.is_file() or ckpt.stat().st_mtime_ns == before:
+        raise BundleError(f"training {bundle_dir.name} finished but wrote no models/model.pt "
+                          "(does its CheckpointSaver run at least once within the epoch budget?)")
+    (ckpt.parent / CHECKPOINT_RECORD).write_text(json.dumps({
+        "variant": variant or "",
+        "made_by": "vlseg.app_support.checkpoints.ensure_checkpoint",
+        "datalist": str(datalist) if datalist else None,
+        "max_epochs": max_epochs,
+        "train_seconds": round(seconds, 1),
+        "sha256": file_sha256(ckpt),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }, indent=2) + "\n")
+    logger.info("%s: checkpoint ready after %.1f s: %s", bundle_dir.name, seconds, ckpt)
+    return ckpt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train a bundle's size variant briefly when it has no models/model.pt.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--bundle", action="append", help="bundle folder (repeatable)")
+    src.add_argument("--bundles-dir", default=None, help="every bundle of this folder (default: <repo>/bundles)")
+    ap.add_argument("--models", default="", help="comma-separated subset of --bundles-dir")
+    ap.add_argument("--variant", default="small", help="size variant override file: '' (default config), small, tiny")
+    ap.add_argument("--datalist", default=None, help="training datalist (default: the bundle's, i.e. the demo set)")
+    ap.add_argument("--max-epochs", type=int, default=None, help="override train#trainer#max_epochs")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per bundle before training is stopped")
+    ap.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
+    ap.add_argument("--log-dir", default=None, help="write each bundle's training output to <log-dir>/<name>.log")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    bundles = ({Path(b).name: Path(b) for b in args.bundle} if args.bundle
+               else discover_bundles(args.bundles_dir or repo_bundles_dir(), args.models))
+    failed = []
+    for name, path in bundles.items():
+        log_path = Path(args.log_dir) / f"{name}.log" if args.log_dir else None
+        if log_path:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt = ensure_checkpoint(path, args.variant, args.datalist, args.max_epochs, args.timeout, args.force, log_path)
+            print(f"{name}: {ckpt}")
+        except BundleError as e:
+            print(f"{name}: FAILED: {e}", file=sys.stderr)
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

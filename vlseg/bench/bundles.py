@@ -1,0 +1,195 @@
+"""Build a bundle's network, preprocessing, tokenizer and inferer from its own configs (``monai.bundle``).
+
+Every bundle has its own ``scripts`` package, so loading one puts its folder first on ``sys.path`` and drops any
+previously imported ``scripts`` modules (before and after), which lets several bundles be built in one process.
+The paper configuration is ``configs/inference.json`` alone; a variant (``small``, ``tiny``) adds
+``configs/<variant>.json`` on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlseg.bench.report import repo_root
+
+__all__ = [
+    "BundleModel",
+    "find_bundles",
+    "bundle_context",
+    "config_files",
+    "load_parser",
+    "load_bundle_model",
+    "find_transform",
+    "variant_label",
+]
+
+PAPER = "paper"
+
+
+def variant_label(variant: str | None) -> str:
+    return PAPER if variant in (None, "", PAPER) else str(variant)
+
+
+def find_bundles(bundles_dir: Path | None = None, names: Sequence[str] | None = None) -> list[Path]:
+    """Bundle folders (those with ``configs/inference.json``), sorted by name, optionally filtered by ``names``."""
+    bundles_dir = Path(bundles_dir) if bundles_dir is not None else repo_root() / "bundles"
+    found = sorted(p for p in bundles_dir.iterdir() if (p / "configs" / "inference.json").is_file()) if bundles_dir.is_dir() else []
+    if names:
+        wanted = list(names)
+        by_name = {p.name: p for p in found}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise FileNotFoundError(f"bundles {missing} not found (or without configs/inference.json) in {bundles_dir}; "
+                                    f"available: {sorted(by_name)}")
+        return [by_name[n] for n in wanted]
+    return found
+
+
+def _drop_scripts_modules() -> None:
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def bundle_context(bundle_root: Path) -> Iterator[None]:
+    """Make ``import scripts`` resolve to this bundle's package for the duration of the block."""
+    root = str(Path(bundle_root).resolve())
+    _drop_scripts_modules()
+    sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(root)
+        _drop_scripts_modules()
+
+
+def config_files(bundle_root: Path, variant: str | None = None, base: str = "inference.json",
+                 extra: Sequence[str] = ()) -> list[str]:
+    root = Path(bundle_root)
+    files = [root / "configs" / base]
+    files += [root / "configs" / e for e in extra]
+    if variant_label(variant) != PAPER:
+        vf = root / "configs" / f"{variant}.json"
+        if not vf.is_file():
+            raise FileNotFoundError(f"{root.name}: no variant file {vf}")
+        files.append(vf)
+    return [str(f) for f in files]
+
+
+def load_parser(bundle_root: Path, variant: str | None = None, base: str = "inference.json",
+                extra: Sequence[str] = (), overrides: Mapping[str, Any] | None = None):
+    """A ``ConfigParser`` over ``configs/<base>`` (+ ``extra``) (+ ``configs/<variant>.json``) with ``bundle_root`` set."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files(bundle_root, variant, base, extra))
+    meta = Path(bundle_root) / "configs" / "metadata.json"
+    if meta.is_file():
+        parser.read_meta(str(meta))
+    parser["bundle_root"] = str(Path(bundle_root).resolve())
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    return parser
+
+
+def find_transform(transform, cls_name: str):
+    """First transform of class name ``cls_name`` inside a (nested) MONAI ``Compose``; None when absent."""
+    if transform is None:
+        return None
+    if type(transform).__name__ == cls_name:
+        return transform
+    for t in getattr(transform, "transforms", ()) or ():
+        found = find_transform(t, cls_name)
+        if found is not None:
+            return found
+    return None
+
+
+def _spatial_size(preprocessing) -> tuple[int, int] | None:
+    for name in ("Resized", "ResizeWithPadOrCropd", "Resize"):
+        t = find_transform(preprocessing, name)
+        if t is not None:
+            size = getattr(getattr(t, "resizer", t), "spatial_size", None) or getattr(t, "spatial_size", None)
+            if size is None and hasattr(t, "padcropper"):
+                size = getattr(t.padcropper, "spatial_size", None)
+            if size is not None:
+                size = tuple(int(s) for s in size)
+                if len(size) == 2 and all(s > 0 for s in size):
+                    return size
+    return None
+
+
+@dataclass
+class BundleModel:
+    """What the benchmarks need from one bundle at one variant."""
+
+    name: str
+    root: Path
+    variant: str
+    network: torch.nn.Module
+    parser: Any
+    preprocessing: Any = None
+    inferer: Any = None
+    tokenizer: Any = None
+    input_size: tuple[int, int] = (224, 224)
+    num_samples: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.variant})"
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tokenizer(list(texts))
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(str(path), map_location="cpu", weights_only=False)
+        for k in ("state_dict", "model", "network"):
+            if isinstance(state, dict) and k in state and isinstance(state[k], dict):
+                state = state[k]
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        self.network.load_state_dict(state, strict=True)
+
+
+def _get(parser, key: str, default=None):
+    try:
+        return parser.get_parsed_content(key) if key in parser else default
+    except Exception as e:  # noqa: BLE001 - a broken optional key must not stop the benchmark
+        logging.getLogger("vlseg.bench").warning("could not parse %r: %s", key, e)
+        return default
+
+
+def load_bundle_model(bundle_root: Path, variant: str | None = None, overrides: Mapping[str, Any] | None = None,
+                      with_preprocessing: bool = True, checkpoint: Path | None = None) -> BundleModel:
+    """Build ``network_def`` (and, when asked, ``preprocessing`` / ``inferer`` / the tokenizer) from the bundle's configs."""
+    from vlseg.text.tokenizers import build_tokenizer
+
+    bundle_root = Path(bundle_root).resolve()
+    with bundle_context(bundle_root):
+        parser = load_parser(bundle_root, variant, overrides=overrides)
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        preprocessing = _get(parser, "preprocessing") if with_preprocessing else None
+        inferer = _get(parser, "inferer") if with_preprocessing else None
+    tok_t = find_transform(preprocessing, "TokenizeTextd")
+    tokenizer = getattr(tok_t, "tokenizer", None)
+    if tokenizer is None:
+        spec = parser.get("tokenizer", None)
+        spec = spec if isinstance(spec, str) and not spec.startswith(("$", "@", "%")) else "minilm"
+        tokenizer = build_tokenizer(spec, int(parser.get("text_max_length", parser.get("max_length", 24)) or 24))
+    size = _spatial_size(preprocessing) or (224, 224)
+    num_samples = int(getattr(inferer, "num_samples", None) or parser.get("num_samples", 1) or 1) if inferer is not None \
+        else int(parser.get("num_samples", 1) or 1)
+    model = BundleModel(bundle_root.name, bundle_root, variant_label(variant), network, parser, preprocessing, inferer,
+                        tokenizer, size, num_samples)
+    if checkpoint is not None:
+        model.load_checkpoint(checkpoint)
+    network.eval()
+    return model
