@@ -30,9 +30,9 @@ class _TextBlind(nn.Module):
 
 
 class CLIPSegPeer(nn.Module):
-    """Hugging Face ``CLIPSegForImageSegmentation`` with the default ``CLIPSegConfig`` (ViT-B/16, reduce_dim 64)."""
+    """Hugging Face ``CLIPSegForImageSegmentation`` with the default ``CLIPSegConfig`` (ViT-B/32 at 224, reduce_dim 64)."""
 
-    description = "HF transformers CLIPSeg, default CLIPSegConfig (random weights)"
+    description = "HF transformers CLIPSeg, default CLIPSegConfig: ViT-B/32 vision + CLIP text, reduce_dim 64 (random weights)"
 
     def __init__(self):
         super().__init__()

@@ -1,0 +1,229 @@
+"""Timing, FLOP-rate and memory measurements for one model ("case"), run in its own process.
+
+``python -m vlseg.bench.speed '<json spec>'`` builds one model (a bundle variant or a peer), then measures
+
+* parameters (total / trainable) and forward FLOPs (``torch.utils.flop_counter`` at batch 1; the count is linear
+  in the batch for every model here, so batch-``B`` FLOPs are ``B`` times it);
+* forward latency per batch size: median and inter-quartile range over repeated timed passes after one warm-up
+  pass, under ``torch.no_grad()`` in eval mode; a batch size whose warm-up pass shows that the minimum number of
+  passes would exceed ``max_seconds`` is skipped, with the reason;
+* the peak resident memory of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after the model is
+  built and after each phase -- the only honest peak for torch's allocator, hence one process per model;
+* training throughput: a few AdamW steps on random images with a BCE loss (after one warm-up step).
+
+The result is printed as one line ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["matmul_gflops", "time_calls", "peak_rss_mib", "run_case", "main"]
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 2**20 if sys.platform == "darwin" else r / 1024.0
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> dict[str, float]:
+    """Best-of-``repeats`` rate of one ``n x n @ n x n`` product (2 n^3 FLOPs): the achievable matmul peak."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * n**3
+    return {"n": n, "repeats": repeats, "best_gflops": flops / min(times) / 1e9,
+            "median_gflops": flops / statistics.median(times) / 1e9, "threads": torch.get_num_threads()}
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def time_calls(fn: Callable[[], Any], repeats: int = 10, min_repeats: int = 3, max_seconds: float | None = None,
+               warmup: int = 1) -> dict[str, Any]:
+    """Time ``fn`` after ``warmup`` calls. Returns median / q1 / q3 / iqr (seconds) and ``n``.
+
+    With ``max_seconds``: the warm-up pass estimates the cost; ``repeats`` is cut so the timed passes fit, and
+    when even ``min_repeats`` would not fit the result is ``{"skipped": reason}``.
+    """
+    t0 = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        fn()
+    t_warm = (time.perf_counter() - t0) / max(1, warmup)
+    n = int(repeats)
+    if max_seconds is not None:
+        fit = int(max(0.0, max_seconds - t_warm * max(1, warmup)) // max(t_warm, 1e-9))
+        if fit < min_repeats:
+            return {"skipped": f"one pass takes {t_warm:.1f} s, so {min_repeats} timed passes would exceed the "
+                               f"{max_seconds:.0f} s guard (--max-seconds-per-case)", "warmup_s": t_warm}
+        n = min(n, fit)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    q1, med, q3 = _quartiles(times)
+    return {"median_s": med, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "n": n, "warmup_s": t_warm}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one case
+# ----------------------------------------------------------------------------------------------------------------
+PROMPT = "one small pink round polyp which is a projecting growth of tissue located in the center of the image"
+
+
+def _build(spec: dict) -> tuple[torch.nn.Module, Callable, dict]:
+    """Model, tokenizer and facts for ``spec`` (``{"kind": "bundle", "root", "variant"}`` or ``{"kind": "peer", "name"}``)."""
+    from vlseg.text.tokenizers import build_tokenizer
+
+    if spec["kind"] == "bundle":
+        from vlseg.bench.bundles import load_bundle_model
+
+        bm = load_bundle_model(spec["root"], spec.get("variant"), with_preprocessing=True)
+        facts = {"input_size": list(bm.input_size), "num_samples": bm.num_samples,
+                 "has_fast_sampler": hasattr(bm.network, "sample_probabilities")}
+        return bm.network, bm.tokenizer, facts
+    from vlseg.bench.peers import PEERS, build_peer, peer_tokenizer_spec
+
+    net = build_peer(spec["name"])
+    native = PEERS[spec["name"]][1]
+    tok = build_tokenizer(peer_tokenizer_spec(spec["name"]) or "minilm", int(spec.get("text_len", 24)))
+    facts = {"description": getattr(net, "description", spec["name"])}
+    if native:
+        facts["input_size"] = [native, native]
+    return net, tok, facts
+
+
+def _loss(out, target: torch.Tensor) -> torch.Tensor:
+    from vlseg.inferers import logits_of
+
+    logits = logits_of(out)
+    if logits.shape == target.shape:
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    return logits.float().pow(2).mean()  # encoders without a mask head (SAM image encoder)
+
+
+def run_case(spec: dict) -> dict[str, Any]:
+    from vlseg.nets.common import count_parameters, forward_flops
+    from vlseg.inferers import sample_probabilities
+
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(0)
+    res: dict[str, Any] = {"spec": spec, "rss_start_mib": peak_rss_mib()}
+    t0 = time.perf_counter()
+    net, tok, facts = _build(spec)
+    res.update(facts)
+    res["build_s"] = time.perf_counter() - t0
+    res["params"] = count_parameters(net)
+    res["rss_model_mib"] = peak_rss_mib()
+    # force_size (quick runs) > the model's own input size (bundle preprocessing, SAM's 1024) > image_size
+    if spec.get("force_size"):
+        size = (int(spec["force_size"]),) * 2
+    else:
+        size = tuple(int(s) for s in (facts.get("input_size") or [spec.get("image_size", 224)] * 2))
+    res["input_size"] = list(size)
+    max_s = spec.get("max_seconds")
+
+    def inputs(b: int):
+        g = torch.Generator().manual_seed(b)
+        img = torch.randn(b, 3, *size, generator=g)
+        ids, mask = tok([PROMPT] * b)
+        return img, ids, mask
+
+    net.eval()
+    img1, ids1, m1 = inputs(1)
+    try:
+        res["flops_b1"] = forward_flops(net, img1, ids1, m1)
+    except Exception as e:  # noqa: BLE001 - report, do not die
+        res["flops_b1"] = None
+        res["flops_error"] = f"{type(e).__name__}: {e}"
+    res["latency"] = {}
+    for b in spec.get("batches", [1, 8]):
+        img, ids, mask = inputs(b)
+        with torch.no_grad():
+            r = time_calls(lambda: net(img, ids, mask), repeats=int(spec.get("repeats", 10)),
+                           min_repeats=int(spec.get("min_repeats", 3)), max_seconds=max_s)
+        r["rss_peak_mib"] = peak_rss_mib()
+        res["latency"][str(b)] = r
+        del img, ids, mask
+    # the bundle's stochastic inference (num_samples passes, its own sampler or MC dropout), batch 1
+    ns = int(facts.get("num_samples") or 1)
+    if spec["kind"] == "bundle" and ns > 1 and spec.get("stochastic", True):
+        with torch.no_grad():
+            r = time_calls(lambda: sample_probabilities(net, img1, ids1, m1, num_samples=ns),
+                           repeats=max(3, int(spec.get("repeats", 10)) // 2), max_seconds=max_s)
+        r["num_samples"] = ns
+        res["stochastic_b1"] = r
+    # training throughput
+    tb, steps = int(spec.get("train_batch", 8)), int(spec.get("train_steps", 3))
+    if steps > 0:
+        res["train"] = _train_throughput(net, inputs, tb, steps, max_s)
+        res["train"]["rss_peak_mib"] = peak_rss_mib()
+    res["total_s"] = time.perf_counter() - t0
+    return res
+
+
+def _train_throughput(net, inputs, batch: int, steps: int, max_seconds) -> dict[str, Any]:
+    from vlseg.nets.common import trainable_parameters
+
+    params = trainable_parameters(net)
+    if not params:
+        return {"skipped": "no trainable parameters"}
+    net.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    img, ids, mask = inputs(batch)
+    target = (torch.rand(batch, 1, *img.shape[-2:]) > 0.5).float()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = _loss(net(img, ids, mask), target)
+        loss.backward()
+        opt.step()
+
+    r = time_calls(step, repeats=steps, min_repeats=1, max_seconds=max_seconds)
+    net.eval()
+    r["batch"] = batch
+    if "median_s" in r:
+        r["images_per_s"] = batch / r["median_s"]
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(argv[0])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        res = run_case(spec)
+    except Exception as e:  # noqa: BLE001 - the parent reports the failure in the table
+        import traceback
+
+        traceback.print_exc()
+        res = {"spec": spec, "error": f"{type(e).__name__}: {e}"}
+    print("RESULT " + json.dumps(res, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
