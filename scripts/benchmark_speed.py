@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="force one input size for every model (quick: 64)")
     p.add_argument("--sampling-passes", type=int, default=30, help="MedCLIPSeg passes for naive vs fast sampling")
     p.add_argument("--case-timeout", type=float, default=1800, help="kill a model's subprocess after this many seconds")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every model in this process (faster start; peak memory then includes earlier cases; "
+                        "default with --quick)")
     a = p.parse_args(argv)
     q = a.quick
     a.variants = a.variants if a.variants is not None else (["tiny"] if q else ["paper", "small"])
@@ -54,6 +57,7 @@ def parse_args(argv=None):
     a.train_batch = a.train_batch or (2 if q else 8)
     a.image_size = a.image_size or (64 if q else None)
     a.sampling_passes = 4 if q and a.sampling_passes == 30 else a.sampling_passes
+    a.in_process = a.in_process or q
     return a
 
 
@@ -72,6 +76,18 @@ def run_case_subprocess(spec: dict, timeout: float) -> dict:
             return res
     tail = (proc.stderr or proc.stdout)[-1500:]
     return {"spec": spec, "error": f"no result (exit code {proc.returncode}): {tail}"}
+
+
+def run_case_inprocess(spec: dict) -> dict:
+    from vlseg.bench.speed import run_case
+
+    t0 = time.perf_counter()
+    try:
+        res = run_case(spec)
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        res = {"spec": spec, "error": f"{type(e).__name__}: {e}"}
+    res["process_s"] = time.perf_counter() - t0
+    return res
 
 
 def sampling_comparison(bundle_root: Path, variant: str, passes: int, image_size: int | None, max_seconds: float) -> dict:
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
         if args.image_size:
             spec["force_size"] = args.image_size
         log(f"case {c['label']} ...")
-        r = run_case_subprocess(spec, args.case_timeout)
+        r = run_case_inprocess(spec) if args.in_process else run_case_subprocess(spec, args.case_timeout)
         r["label"], r["group"] = c["label"], c["group"]
         results.append(r)
         log(f"  done in {r.get('process_s', 0):.0f} s" + (f": ERROR {r['error'][:200]}" if "error" in r else ""))
@@ -219,7 +235,7 @@ def main(argv=None) -> int:
     headers = ["model"]
     for b in args.batches:
         headers += [f"batch {b}: median (IQR) ms", f"b{b} img/s", f"b{b} GFLOP/s", f"b{b} % of matmul peak"]
-    headers += ["x MONAI UNet latency (b1)", "RSS model loaded MiB", "peak RSS inference MiB"]
+    headers += ["x MONAI UNet latency (b1)", "RSS model loaded MiB", "inference peak - loaded MiB"]
     rows, skipped = [], []
     for r in ok:
         row = [r["label"]]
@@ -236,14 +252,20 @@ def main(argv=None) -> int:
         l1 = _lat(r, 1).get("median_s")
         row.append((l1 / ref_lat) if (l1 and ref_lat) else None)
         row.append(r.get("rss_model_mib"))
-        row.append(max([_lat(r, b).get("rss_peak_mib") or 0 for b in args.batches]) or None)
+        peak_inf = max([_lat(r, b).get("rss_peak_mib") or 0 for b in args.batches])
+        row.append((peak_inf - r["rss_model_mib"]) if peak_inf and r.get("rss_model_mib") else None)
         rows.append(row)
     rep.table(headers, rows, digits=1)
     if skipped:
         rep.p("Skipped by the time guard:")
         rep.bullets(skipped)
-    rep.p("RSS = resident set size of a process that builds only that model (includes python, torch and library "
-          "imports, about the 'RSS at start' of an empty case); peak over all inference batch sizes.")
+    if args.in_process:
+        rep.p("**Memory measured in-process** (`--in-process`/`--quick`): maxrss is the peak of the whole run so far, "
+              "so later models inherit earlier peaks; run without it for per-model numbers.")
+    else:
+        rep.p("RSS = peak resident set size (getrusage maxrss) of a process that builds only that model, so it includes "
+              "python, torch and the imported libraries; the increment column is the extra peak during inference "
+              "(activations and workspace) over the loaded model.")
 
     stoch = [r for r in ok if r.get("stochastic_b1")]
     if stoch:
@@ -259,7 +281,7 @@ def main(argv=None) -> int:
         t = r.get("train") or {}
         rows.append([r["label"], t.get("batch"), _ms(t) if t else "-", t.get("images_per_s"),
                      t.get("rss_peak_mib"), t.get("skipped", "")])
-    rep.table(["model", "batch", "step median (IQR) ms", "images/s", "peak RSS MiB (so far)", "note"], rows, digits=2)
+    rep.table(["model", "batch", "step median (IQR) ms", "images/s", "peak RSS MiB (whole process)", "note"], rows, digits=2)
 
     if sampling:
         rep.h2("MedCLIPSeg uncertainty sampling: naive passes vs the fast path")

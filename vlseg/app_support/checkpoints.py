@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epochs: int | None = None,
-                  overrides: dict | None = None) -> list[str]:
+                  overrides: dict | None = None, max_seconds: float | None = None) -> list[str]:
     """The ``monai.bundle run`` command line training ``bundle_dir`` with its ``variant`` override file."""
     bundle_dir = Path(bundle_dir).resolve()
     files = [str(p) for p in config_files(bundle_dir, "train", variant)]
@@ -58,6 +58,8 @@ def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epo
         cmd += ["--datalist", str(Path(datalist).resolve())]
     if max_epochs is not None:
         cmd += ["--train#trainer#max_epochs", str(int(max_epochs))]
+    if max_seconds:  # the bundles' vlseg.engine_handlers.StopAfterSeconds budget
+        cmd += ["--max_train_seconds", str(float(max_seconds))]
     for k, v in (overrides or {}).items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return cmd
@@ -111,15 +113,37 @@ def _stop_tree(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _weights_from_final_state(bundle_dir: Path, since: float, ckpt: Path) -> str | None:
+    """When a time budget ends training before any validation, bundles still save their full training state
+    (``models/*final*.pt`` or another ``*.pt`` written during the run, holding ``{"model": state_dict, ...}``).
+    Write its network weights to ``ckpt`` and return the source file name (None when there is none)."""
+    import torch
+
+    cands = sorted((p for p in ckpt.parent.glob("*.pt") if p != ckpt and p.stat().st_mtime >= since - 1),
+                   key=lambda p: ("final" not in p.name, -p.stat().st_mtime))
+    for p in cands:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # not a plain tensor checkpoint
+            continue
+        for key in ("model", "network", "state_dict"):
+            sd = state.get(key) if isinstance(state, dict) else None
+            if isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
+                torch.save(sd, ckpt)
+                return p.name
+    return None
+
+
 def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, max_epochs: int | None = None,
                       timeout: float | None = None, force: bool = False, log_path=None,
-                      overrides: dict | None = None) -> Path:
+                      overrides: dict | None = None, max_seconds: float | None = None) -> Path:
     """Return ``<bundle>/models/model.pt``, training the ``variant`` first if needed.
 
     Trains when the checkpoint is missing, when ``force``, or when ``models/vlseg_checkpoint.json`` records a
     different variant (the old file is kept as ``models/model.<old variant>.pt``). ``datalist`` (default: the
-    bundle's own default, the demo set) and ``max_epochs`` (default: the variant's) are passed as overrides.
-    Raises :class:`BundleError` when training fails, times out or writes no checkpoint.
+    bundle's own default, the demo set), ``max_epochs`` (default: the variant's) and ``max_seconds`` (the
+    bundles' ``max_train_seconds`` wall-clock budget, ended gracefully after an epoch) are passed as overrides;
+    ``timeout`` is a hard limit after which the training process is stopped. Raises :class:`BundleError` when training fails, times out or writes no checkpoint.
     """
     bundle_dir = Path(bundle_dir).resolve()
     variant = variant or None
@@ -133,7 +157,7 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
         logger.warning("%s: models/model.pt was made for variant %r, not %r; keeping it as %s and retraining",
                        bundle_dir.name, made_by, variant, backup.name)
         shutil.move(str(ckpt), str(backup))
-    cmd = train_command(bundle_dir, variant, datalist, max_epochs, overrides)
+    cmd = train_command(bundle_dir, variant, datalist, max_epochs, overrides, max_seconds)
     logger.info("%s: training variant %r for a checkpoint: %s", bundle_dir.name, variant, " ".join(cmd))
     before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
     start = time.time()
@@ -142,15 +166,24 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     if rc != 0:
         where = f"; log: {log_path}" if log_path else ""
         raise BundleError(f"training {bundle_dir.name} (variant {variant!r}) failed with exit code {rc}{where}")
+    source = "models/model.pt (the bundle's best-validation checkpoint)"
     if not ckpt.is_file() or ckpt.stat().st_mtime_ns == before:
-        raise BundleError(f"training {bundle_dir.name} finished but wrote no models/model.pt "
-                          "(does its CheckpointSaver run at least once within the epoch budget?)")
+        fallback = _weights_from_final_state(bundle_dir, start, ckpt)
+        if fallback is None:
+            raise BundleError(f"training {bundle_dir.name} finished but wrote no models/model.pt "
+                              "(does its CheckpointSaver run at least once within the epoch / time budget?)")
+        source = f"models/{fallback} (the network weights of the last training state: the time budget ended " \
+                 "before a validation saved a best checkpoint)"
+        logger.warning("%s: no validated checkpoint within the budget; models/model.pt holds the weights of %s",
+                       bundle_dir.name, fallback)
     (ckpt.parent / CHECKPOINT_RECORD).write_text(json.dumps({
         "variant": variant or "",
         "made_by": "vlseg.app_support.checkpoints.ensure_checkpoint",
         "datalist": str(datalist) if datalist else None,
         "max_epochs": max_epochs,
+        "max_seconds": max_seconds,
         "train_seconds": round(seconds, 1),
+        "source": source,
         "sha256": file_sha256(ckpt),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, indent=2) + "\n")
@@ -167,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variant", default="small", help="size variant override file: '' (default config), small, tiny")
     ap.add_argument("--datalist", default=None, help="training datalist (default: the bundle's, i.e. the demo set)")
     ap.add_argument("--max-epochs", type=int, default=None, help="override train#trainer#max_epochs")
-    ap.add_argument("--timeout", type=float, default=None, help="seconds per bundle before training is stopped")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="training budget per bundle (the bundles' max_train_seconds; ends after an epoch)")
+    ap.add_argument("--timeout", type=float, default=None, help="hard limit per bundle; the run is stopped after it")
     ap.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     ap.add_argument("--log-dir", default=None, help="write each bundle's training output to <log-dir>/<name>.log")
     args = ap.parse_args(argv)
@@ -180,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log_path:
             log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            ckpt = ensure_checkpoint(path, args.variant, args.datalist, args.max_epochs, args.timeout, args.force, log_path)
+            ckpt = ensure_checkpoint(path, args.variant, args.datalist, args.max_epochs, args.timeout, args.force, log_path,
+                                     max_seconds=args.max_seconds)
             print(f"{name}: {ckpt}")
         except BundleError as e:
             print(f"{name}: FAILED: {e}", file=sys.stderr)

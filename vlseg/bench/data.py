@@ -38,6 +38,8 @@ __all__ = [
 
 PROMPT_LEVELS = tuple(f"p{i}" for i in range(1, 10))
 TEST_VARIANTS = ("original", "contradictory", "missing_location", "overdescriptive", "underdescriptive")
+#: demo data only: the description of another object of the same image (a wrong prompt)
+EXTRA_VARIANTS = ("other_object",)
 KVASIR_SIZE = 224
 _KVASIR_VERSION = 1
 
@@ -80,7 +82,7 @@ class BenchData:
         if not items:
             return []
         common = set.intersection(*[set((it.get("prompts") or {}).keys()) for it in items])
-        order = list(PROMPT_LEVELS) + list(TEST_VARIANTS)
+        order = list(PROMPT_LEVELS) + list(TEST_VARIANTS) + list(EXTRA_VARIANTS)
         return [k for k in order if k in common and all(isinstance(it["prompts"][k], str) for it in items)]
 
 

@@ -1,9 +1,10 @@
 """Run a bundle (or a baseline with the same interface) over data items: probabilities, uncertainty, metrics.
 
 Images go through the bundle's own inference ``preprocessing`` (loading, prompt selection, tokenization, resizing,
-normalisation) and its ``StochasticTextInferer``; metrics are computed at the network's input resolution (224 x 224
-for every bundle at the paper settings) against the label loaded by the same image reader and resized with
-nearest-neighbour interpolation.
+normalisation) and its ``StochasticTextInferer``; the prompt is handed to the bundle's ``SelectPromptd`` as its
+``override`` (what the MONAI Label app does with a request's prompt). The probability and uncertainty maps are
+resized (bilinear) back to the label's own size -- 224 x 224 for the prepared Kvasir-SEG -- so models with different
+input sizes are scored on the same pixels, against the label read by the same image reader (same axis order).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Prediction:
         return self.prob > 0.5
 
 
-def load_label(bm: BundleModel, path: str, size: Sequence[int]) -> np.ndarray:
-    """The label read like the bundle reads images (same reader, hence the same axis order), resized to ``size``."""
+def load_label(bm: BundleModel, path: str, size: Sequence[int] | None = None) -> np.ndarray:
+    """The label read like the bundle reads images (same reader, hence the same axis order), optionally resized
+    (nearest) to ``size``."""
     from monai.transforms import LoadImage
 
     load = find_transform(bm.preprocessing, "LoadImaged")
@@ -46,7 +48,7 @@ def load_label(bm: BundleModel, path: str, size: Sequence[int]) -> np.ndarray:
         t = t.max(dim=-1).values
     thr = 127.0 if float(t.max()) > 1.0 else 0.5
     t = (t > thr).float()[None, None]
-    if tuple(t.shape[-2:]) != tuple(size):
+    if size is not None and tuple(t.shape[-2:]) != tuple(size):
         t = torch.nn.functional.interpolate(t, size=tuple(size), mode="nearest")
     return t[0, 0].numpy() > 0.5
 
@@ -69,6 +71,8 @@ def predict_items(bm: BundleModel, items: Sequence[dict], prompt_key: str | None
     if hasattr(inferer, "seed"):
         inferer.seed = seed
     net = bm.network.eval()
+    select = find_transform(bm.preprocessing, "SelectPromptd")
+    old_override = getattr(select, "override", None)
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -78,7 +82,9 @@ def predict_items(bm: BundleModel, items: Sequence[dict], prompt_key: str | None
                     (it.get("prompts") or {}).get(prompt_key) if prompt_key else it.get("text"))
                 if not isinstance(text, str):
                     raise ValueError(f"item {it.get('id', it.get('image'))} has no prompt {prompt_key!r}")
-                d = bm.preprocessing({"image": it["image"], "text": text}) if bm.preprocessing is not None else None
+                if select is not None:
+                    select.override = text
+                d = bm.preprocessing({"image": it["image"], "text": text, "prompts": dict(it.get("prompts") or {})})
                 datas.append(d)
                 texts.append(text)
             images = torch.stack([torch.as_tensor(d["image"]).float() for d in datas])
@@ -89,13 +95,18 @@ def predict_items(bm: BundleModel, items: Sequence[dict], prompt_key: str | None
                 ids, mask = bm.tokenize(texts)
             with torch.no_grad():
                 out = inferer(images, net, ids, mask, num_samples=n)
-            out = out.detach().cpu().float().numpy()
+            out = out.detach().cpu().float()
             for it, text, o in zip(chunk, texts, out):
-                label = load_label(bm, it["label"], o.shape[-2:]) if it.get("label") else np.zeros(o.shape[-2:], bool)
+                label = load_label(bm, it["label"]) if it.get("label") else np.zeros(tuple(o.shape[-2:]), bool)
+                if tuple(label.shape) != tuple(o.shape[-2:]):
+                    o = torch.nn.functional.interpolate(o[None], size=label.shape, mode="bilinear", align_corners=False)[0]
+                o = o.clamp(0.0, 1.0).numpy()
                 yield Prediction(it, text, o[0], o[1], label)
     finally:
         if hasattr(inferer, "seed"):
             inferer.seed = old_seed
+        if select is not None:
+            select.override = old_override
 
 
 def evaluate_items(bm: BundleModel, items: Sequence[dict], prompt_key: str | None = None, num_samples: int | None = 1,

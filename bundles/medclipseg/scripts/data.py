@@ -91,10 +91,26 @@ def inference_items(image=None, text=None, datalist=None, split: str = "test", m
     if image:
         if not Path(str(image)).is_file():
             raise FileNotFoundError(f"image {image} not found")
-        return [{"image": str(image), "text": text}]
-    if datalist is None:
-        raise ValueError("give --image PATH (and --text) or --datalist")
-    return load_items(datalist, split, max_items=max_items)
+        return [{"image": str(image), "text": text, "name": _stem(image)}]
+    if datalist is None:  # the demo set, generated on first use
+        import vlseg.data.demo
+
+        datalist = vlseg.data.demo.ensure_demo_dataset()
+    items = load_items(datalist, split, max_items=max_items)
+    seen: dict[str, int] = {}
+    for it in items:  # one output folder per sample: several prompts may share an image
+        name = _stem(it["label"]) if it.get("label") else _stem(it["image"])
+        seen[name] = seen.get(name, 0) + 1
+        it["name"] = name if seen[name] == 1 else f"{name}_{seen[name] - 1}"
+    return items
+
+
+def _stem(path) -> str:
+    name = Path(str(path)).name
+    for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
 
 
 class ClipNormalized(MapTransform):

@@ -23,7 +23,7 @@ from scipy import ndimage
 from vlseg.metrics import segmentation_metrics, summarize
 from vlseg.viz import save_learning_curve, save_overlay
 
-__all__ = ["TrainingReport", "SegmentationReport", "SaveOverlayd", "SaveArrayd", "boundary_interior_uncertainty",
+__all__ = ["TrainingReport", "SegmentationReport", "SaveOverlayd", "SaveArrayd", "OutputNamed", "attach_full_state", "boundary_interior_uncertainty",
            "is_rank0"]
 
 logger = logging.getLogger("vlseg.medclipseg")
@@ -96,7 +96,7 @@ class TrainingReport:
         loss = out.get("loss") if isinstance(out, dict) else None
         if loss is None:
             return
-        self._sums["train_loss"] = self._sums.get("train_loss", 0.0) + float(loss)
+        self._sums["train_loss"] = self._sums.get("train_loss", 0.0) + float(loss.detach() if torch.is_tensor(loss) else loss)
         for k, v in (getattr(self.loss_fn, "last_terms", None) or {}).items():
             self._sums[f"train_{k}"] = self._sums.get(f"train_{k}", 0.0) + float(v)
         self._n += 1
@@ -143,8 +143,9 @@ class SegmentationReport:
     """
 
     def __init__(self, output_dir, tag: str = "eval", threshold: float = 0.5, nsd_tolerance: float = 2.0,
-                 band: int = 2, extra: dict | None = None):
+                 band: int = 2, label_key: str = "label", extra: dict | None = None):
         self.output_dir = Path(output_dir)
+        self.label_key = label_key
         self.tag = tag
         self.threshold = float(threshold)
         self.nsd_tolerance = float(nsd_tolerance)
@@ -164,16 +165,14 @@ class SegmentationReport:
         outputs = outputs if isinstance(outputs, list) else [outputs]
         batch = engine.state.batch
         for i, out in enumerate(outputs):
+            item = batch[i] if isinstance(batch, list) and i < len(batch) else {}
             pred = _np(out["pred"]).squeeze()
-            label = _np(out["label"]).squeeze()
-            row = {"image": "", "text": ""}
+            label = out[self.label_key] if self.label_key in out else item[self.label_key]
+            label = _np(label).squeeze()
             meta = getattr(out["pred"], "meta", {}) or {}
-            row["image"] = str(meta.get("filename_or_obj", ""))
-            texts = batch.get("text") if isinstance(batch, dict) else None
-            if isinstance(batch, list) and i < len(batch):
-                row["text"] = str(batch[i].get("text", ""))
-            elif texts is not None and i < len(texts):
-                row["text"] = str(texts[i])
+            row = {"image": str(meta.get("filename_or_obj", "")), "text": str(item.get("text", ""))}
+            if not row["text"] and isinstance(batch, dict) and batch.get("text") is not None and i < len(batch["text"]):
+                row["text"] = str(batch["text"][i])
             row.update(segmentation_metrics(pred >= self.threshold, label > 0.5, nsd_tolerance=self.nsd_tolerance))
             if "uncertainty" in out:
                 row.update(boundary_interior_uncertainty(out["uncertainty"], label, band=self.band))
@@ -203,13 +202,35 @@ class SegmentationReport:
 
 def _out_name(data: dict, key: str, postfix: str) -> str:
     meta = getattr(data.get(key), "meta", {}) or {}
-    src = meta.get("filename_or_obj") or data.get("image_path") or "image"
-    stem = Path(str(src)).name
+    stem = data.get("name") or meta.get("filename_or_obj") or "image"
+    stem = Path(str(stem)).name
     for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".npy"):
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
             break
     return f"{stem}_{postfix}"
+
+
+class OutputNamed(MapTransform):
+    """Name the outputs of an item after ``data[name_key]`` (set by :func:`scripts.data.inference_items`): the
+    ``filename_or_obj`` meta entry that SaveImaged names files by becomes ``<name>.png``; the source image path is
+    kept as ``source_image``. Several samples of one image (different prompts) thus get separate folders."""
+
+    def __init__(self, keys, name_key: str = "name", allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.name_key = name_key
+
+    def __call__(self, data):
+        d = dict(data)
+        name = d.get(self.name_key)
+        if not name:
+            return d
+        for key in self.key_iterator(d):
+            meta = getattr(d[key], "meta", None)
+            if meta is not None:
+                meta.setdefault("source_image", meta.get("filename_or_obj"))
+                meta["filename_or_obj"] = f"{name}.png"
+        return d
 
 
 class SaveArrayd(MapTransform):
@@ -250,7 +271,7 @@ class SaveOverlayd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             meta = getattr(d[key], "meta", {}) or {}
-            src = meta.get("filename_or_obj")
+            src = meta.get("source_image") or meta.get("filename_or_obj")
             pred = _np(d[key]).squeeze().T  # MONAI's PILReader gives [W, H]: back to rows x cols
             unc = _np(d[self.uncertainty_key]).squeeze().T if self.uncertainty_key in d else None
             image = np.asarray(Image.open(src).convert("RGB")) if src and Path(str(src)).is_file() else pred

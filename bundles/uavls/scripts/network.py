@@ -11,6 +11,7 @@ Calling convention shared by all vlseg bundles::
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -63,17 +64,25 @@ class TextEncoder(nn.Module):
     """Eq. 2: ``T' = T_e(T)``, token states ``[B, N, D]`` of a BERT-style encoder (``vlseg.text``).
 
     Frozen unless ``trainable``; while frozen it stays in eval mode, runs without autograd and its dropout
-    probabilities are set to 0, so Monte-Carlo dropout never perturbs it.
+    probabilities are set to 0, so Monte-Carlo dropout never perturbs it. A frozen encoder is a fixed function
+    of the token ids, so its outputs are memoised per prompt (``cache_size`` most recent prompts): the same
+    numbers, computed once per distinct prompt instead of once per batch.
     """
 
     def __init__(self, spec: str = "cxr-bert", weights: str | None = None, trainable: bool = False,
-                 config_overrides: dict | None = None):
+                 config_overrides: dict | None = None, cache_size: int = 2048):
         super().__init__()
         self.encoder = build_text_encoder(spec, weights=weights, config_overrides=config_overrides)
         self.spec = spec
         self.pretrained = bool(self.encoder.pretrained)
         self.hidden_size = int(self.encoder.hidden_size)
-        self.trainable = bool(trainable)
+        # ``trainable`` (the configs' ``train_encoders``) only applies to an encoder WITHOUT pretrained weights:
+        # fine-tuning a pretrained encoder is not what the paper does, and a random frozen one helps nobody.
+        self.trainable = bool(trainable) and not self.pretrained
+        if trainable and self.pretrained:
+            logger.info("text encoder %s has pretrained weights: it stays frozen (train_encoders ignored)", spec)
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict = OrderedDict()
         freeze(self.encoder, frozen=not self.trainable)
         if not self.trainable:
             for m in self.encoder.modules():
@@ -87,11 +96,31 @@ class TextEncoder(nn.Module):
             self.encoder.eval()
         return self
 
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # device / dtype changes invalidate the memo
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones_like(ids)
         if self.trainable:
             return self.encoder(ids, mask)
-        with torch.no_grad():
-            return self.encoder(ids, mask)
+        if self.cache_size <= 0:
+            with torch.no_grad():
+                return self.encoder(ids, mask)
+        keys = [(tuple(i), tuple(m)) for i, m in zip(ids.tolist(), mask.tolist())]
+        missing = sorted({k for k in keys if k not in self._cache})
+        if missing:
+            rows = [keys.index(k) for k in missing]
+            with torch.no_grad():
+                states = self.encoder(ids[rows], mask[rows])
+            for k, st in zip(missing, states):
+                self._cache[k] = st
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        for k in keys:
+            self._cache.move_to_end(k)
+        return torch.stack([self._cache[k] for k in keys])
 
 
 class DecoderStage(nn.Module):
@@ -130,7 +159,8 @@ class UAVLS(nn.Module):
             ``timm.create_model`` arguments, local ImageNet checkpoint (see :class:`ImageEncoder`).
         text_encoder / text_weights / text_encoder_overrides: ``vlseg.text.build_text_encoder`` spec
             (``"cxr-bert"`` = paper, ``"minilm"`` = pretrained offline choice), local weights, config overrides.
-        train_text_encoder: let the otherwise frozen text encoder train (only sensible without weights).
+        train_text_encoder: let the otherwise frozen text encoder train; honoured only when it has no pretrained
+            weights (the bundle contract's ``train_encoders`` switch).
         text_tokens: N, tokens per prompt (24). decoder_tokens: SSMix output tokens per stage (24, 12, 9).
         num_heads, attn_drop, proj_drop, cross_attn_drop, alpha_init, qk_norm: MoDAB settings.
         ssmix: SSMix keyword arguments (d_state, d_conv, expand, use_kernel, ...).

@@ -60,14 +60,15 @@ def selective_scan_torch(
         delta = delta + delta_bias.float()[None, :, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    decay = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :])  # [B, D, L, N]
-    drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [B, D, L, N]
+    # time-major [L, B, D, N] so that the loop reads whole slices (cheap backward through unbind/stack)
+    decay = torch.exp(delta.unsqueeze(-1) * A[None, :, None, :]).permute(2, 0, 1, 3)
+    drive = ((delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)).permute(2, 0, 1, 3)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[-1]):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    y = torch.stack(ys, dim=-1)
+    states = []
+    for a_t, b_t in zip(decay.unbind(0), drive.unbind(0)):
+        h = a_t * h + b_t
+        states.append(h)
+    y = torch.einsum("lbdn,bnl->bdl", torch.stack(states, dim=0), C)
     if D is not None:
         y = y + u * D.float()[None, :, None]
     return y.to(dtype)

@@ -14,7 +14,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from vlseg.inferers import logits_of
 
-__all__ = ["AccumulationIteration", "WarmupCosine"]
+__all__ = ["AccumulationIteration", "WarmupCosine", "set_threads", "attach_full_state"]
 
 
 class AccumulationIteration:
@@ -59,9 +59,9 @@ class AccumulationIteration:
         if pos + 1 == window_start + window:
             engine.optimizer.step()
             self.optimizer_steps += 1
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         engine.state.output[Keys.PRED] = logits_of(pred).detach()
         engine.state.output[Keys.LOSS] = loss.detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # may decollate the output (MONAI workflows)
         return engine.state.output
 
 
@@ -86,3 +86,25 @@ def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(int(n))
     return torch.get_num_threads()
+
+
+
+def attach_full_state(trainer, save_dir, objects: dict, resume: str | None = None, device=None) -> None:
+    """Resumable full-state checkpoint (model + optimizer + lr_scheduler + trainer) every epoch, and optional
+    resumption from one.
+
+    Attached from ``initialize`` rather than listed in ``train_handlers``: the dict names the trainer itself,
+    which the config resolver would report as a circular reference. Saving happens on rank 0 only.
+    """
+    from pathlib import Path
+
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    if rank == 0:
+        CheckpointSaver(save_dir=str(save_dir), save_dict=objects, file_prefix="full_state", save_interval=1,
+                        epoch_level=True, n_saved=1, save_final=True, final_filename="full_state_final.pt").attach(trainer)
+    if resume:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"resume checkpoint {resume} not found")
+        CheckpointLoader(load_path=str(resume), load_dict=objects, map_location=device).attach(trainer)

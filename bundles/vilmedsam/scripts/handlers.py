@@ -25,7 +25,7 @@ from vlseg.viz import save_learning_curve, save_overlay
 
 logger = logging.getLogger("vlseg.vilmedsam")
 
-__all__ = ["TrainingReport", "EvalReport", "SetOutputNamed", "SaveArrayd", "SaveOverlayd"]
+__all__ = ["TrainingReport", "EvalReport", "SetOutputNamed", "SaveArrayd", "SaveOverlayd", "CLIPAlignmentStage"]
 
 
 def _unwrap(network):
@@ -76,7 +76,10 @@ class TrainingReport:
         self._t0 = time.perf_counter()
 
     def _iteration(self, engine) -> None:
-        loss = engine.state.output.get("loss") if isinstance(engine.state.output, dict) else None
+        out = engine.state.output
+        if isinstance(out, (list, tuple)) and out:  # decollated by the workflow: every item holds the batch loss
+            out = out[0]
+        loss = out.get("loss") if isinstance(out, dict) else None
         if loss is not None:
             self._losses.append(float(loss))
         for k, v in (getattr(self.loss_fn, "last_terms", None) or {}).items():
@@ -218,3 +221,95 @@ class SaveOverlayd(MapTransform):
             unc = _hw(d[self.uncertainty_key], self.reverse_indexing) if self.uncertainty_key in d else None
             save_overlay(self.output_dir / f"{_name(d)}_overlay.png", img, mask, unc, title=str(d.get(self.text_key, "")))
         return d
+
+
+def _dist_any(flag: bool) -> bool:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([1.0 if flag else 0.0])
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item() > 0)
+    return flag
+
+
+class CLIPAlignmentStage:
+    """Small / tiny variants only: fit the randomly initialised CLIP towers BEFORE the main training, then freeze.
+
+    The paper relies on a pretrained (BiomedCLIP) CLIP whose image-text alignment makes the M2IB map point at the
+    named object; a random CLIP has none. On ``Events.STARTED`` this handler runs the training data loader through
+    ``SimpleViLMedSAM.alignment_loss`` (region-text InfoNCE at the bottleneck layer, using the training masks),
+    optimising only the CLIP parameters with AdamW, for ``max_seconds`` wall clock and/or ``max_iterations``. Then
+    the CLIP towers are frozen, so the main training is the paper's (CLIP frozen, M2IB maps cacheable).
+    Under torch.distributed the CLIP gradients are averaged over ranks and the stop decision is shared.
+    Does nothing when the CLIP is not trainable (pretrained weights loaded) or no budget is given.
+    """
+
+    def __init__(self, network, dataloader, max_seconds: float | None = None, max_iterations: int | None = None,
+                 lr: float = 1e-3, weight_decay: float = 1e-4, log_every: int = 50, device=None):
+        self.network = network
+        self.dataloader = dataloader
+        self.max_seconds = float(max_seconds or 0)
+        self.max_iterations = int(max_iterations or 0)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.log_every = int(log_every)
+        self.device = device
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.run)
+
+    def run(self, engine=None) -> dict:
+        net = _unwrap(self.network)
+        params = [p for p in net.clip.parameters() if p.requires_grad]
+        if not params or (self.max_seconds <= 0 and self.max_iterations <= 0):
+            return {}
+        device = self.device or next(net.parameters()).device
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world = torch.distributed.get_world_size() if dist else 1
+        was_training = net.training
+        net.train()
+        t0, it, losses, accs = time.perf_counter(), 0, [], []
+        done = False
+        while not done:
+            for batch in self.dataloader:
+                img = batch["image"].to(device).float()
+                ids = torch.as_tensor(batch["text_ids"]).to(device).long()
+                ids = net._text_ids(ids, device)
+                lab = batch["label"].to(device).float()
+                pix = net.clip.preprocess(img)
+                tokens = net.clip.tokens_at(pix, net.prompter.layer)
+                text_emb = net.clip.encode_text(ids)
+                loss = net.alignment_loss(tokens, text_emb, ids, lab)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if dist:
+                    for p in params:
+                        if p.grad is not None:
+                            torch.distributed.all_reduce(p.grad)
+                            p.grad /= world
+                opt.step()
+                it += 1
+                losses.append(float(loss.detach()))
+                accs.append(net.last_alignment_accuracy)
+                if self.log_every and it % self.log_every == 0:
+                    logger.info("CLIP alignment stage: iteration %d, loss %.4f, pointing accuracy %.3f (%.0f s)",
+                                it, float(np.mean(losses[-self.log_every:])), float(np.mean(accs[-self.log_every:])),
+                                time.perf_counter() - t0)
+                stop = (self.max_iterations > 0 and it >= self.max_iterations) or (
+                    self.max_seconds > 0 and time.perf_counter() - t0 >= self.max_seconds)
+                if _dist_any(stop):
+                    done = True
+                    break
+        for p in net.clip.parameters():
+            p.requires_grad_(False)
+        net.train(was_training)
+        tail = max(1, min(50, len(losses)))
+        info = {"iterations": it, "seconds": round(time.perf_counter() - t0, 1),
+                "final_loss": float(np.mean(losses[-tail:])), "final_pointing_accuracy": float(np.mean(accs[-tail:]))}
+        net.mode_info["clip_trainable"] = False
+        net.mode_info["clip_alignment_stage"] = info
+        logger.info("CLIP alignment stage done, CLIP frozen: %s", info)
+        return info

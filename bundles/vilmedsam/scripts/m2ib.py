@@ -98,6 +98,9 @@ class CLIPTowers(nn.Module):
         cfg = getattr(visual, "preprocess_cfg", None) or {}
         self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_STD)).view(1, 3, 1, 1), persistent=False)
+        # scale / bias of the per-patch text logits of the auxiliary alignment loss (small / tiny variants only)
+        self.align_scale = nn.Parameter(torch.tensor(10.0))
+        self.align_bias = nn.Parameter(torch.tensor(-2.0))
 
     @property
     def depth(self) -> int:
@@ -135,6 +138,18 @@ class CLIPTowers(nn.Module):
             return pooled @ v.proj if v.proj is not None else pooled
         t = v.trunk
         return v.head(t.forward_head(t.norm(x)))
+
+    def patch_embeddings(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Per-patch embeddings ``[B, gh * gw, D]`` in the joint space, from token states after block ``layer``
+        (the rest of the tower, the final norm and the projection applied to every patch token)."""
+        v = self.model.visual
+        for blk in self.blocks[layer + 1:]:
+            x = blk(x)
+        x = x[:, self.num_prefix:]
+        if self.kind == "open_clip":
+            x = v.ln_post(x)
+            return x @ v.proj if v.proj is not None else x
+        return v.head(v.trunk.norm(x))
 
     def logit_scale(self) -> torch.Tensor:
         ls = getattr(self.model, "logit_scale", None)

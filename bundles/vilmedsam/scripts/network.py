@@ -91,6 +91,7 @@ class SimpleViLMedSAM(nn.Module):
             p.requires_grad_(True)
         freeze(self.clip, not clip_trainable)
         self.align = bool(align) and clip_trainable
+        self.last_alignment_accuracy = float("nan")
         self.mode_info = {
             "sam_weights_loaded": bool(sam_loaded), "clip_weights_loaded": bool(clip_loaded),
             "sam_encoder_trainable": bool(sam_trainable), "clip_trainable": bool(clip_trainable),
@@ -212,12 +213,20 @@ class SimpleViLMedSAM(nn.Module):
                        target: torch.Tensor) -> torch.Tensor:
         """Auxiliary region-text alignment (NOT in the paper; only while the CLIP towers train from scratch).
 
-        It trains exactly the function M2IB probes: at the bottleneck layer, keep the tokens of the target region
-        (mask area-pooled to the patch grid), replace the others by the bottleneck's noise (``sqrt(noise_var)``
-        eps, lambda = 0), and require the resulting image embedding to match its own prompt better than the other
-        prompts of the batch (region -> text InfoNCE), and the prompt to match its region better than the other
-        regions of the batch and than the complement of its own region (text -> region InfoNCE). Identical token
-        sequences in a batch are not used as negatives of each other. Prompts see no mask at inference.
+        A random CLIP has no image-text alignment, so its M2IB map is meaningless. Two terms give the CLIP the
+        property M2IB relies on -- the image embedding matches the prompt when the named object is kept -- using the
+        training masks (area-pooled to the CLIP patch grid); prompts see no mask at inference:
+
+        * dense: every patch embedding (tower output, projected) is classified against the item's own prompt,
+          target patches positive and all others (background AND the other objects) negative; class-balanced
+          binary cross-entropy on ``align_scale * cos + align_bias``. With average pooling (small variant) the
+          image embedding is the mean of these patch embeddings.
+        * bottleneck: at the M2IB layer, keeping only the target tokens (others replaced by the bottleneck's
+          noise, lambda = 0) must match the prompt better than keeping only the complement:
+          ``softplus(10 (cos(t, z_complement) - cos(t, z_target)))``.
+
+        Only the item's own prompt is used, so several prompts of one category in a batch do not act as false
+        negatives. ``last_alignment_accuracy``: share of items whose most text-similar patch lies on the target.
         """
         b = tokens.shape[0]
         gh, gw = self.clip.grid
@@ -225,22 +234,27 @@ class SimpleViLMedSAM(nn.Module):
         valid = m.sum(dim=1) > 0
         if not bool(valid.any()):
             return tokens.sum() * 0.0
+        t = F.normalize(text_emb.float(), dim=-1)
+        layer = self.prompter.layer
+        # dense term
+        patches = F.normalize(self.clip.patch_embeddings(tokens, layer).float(), dim=-1)  # [B, g, D]
+        cos = torch.einsum("bgd,bd->bg", patches, t)
+        logits = self.clip.align_scale * cos + self.clip.align_bias
+        pos = (m > 0.5).float()
+        bce = F.binary_cross_entropy_with_logits(logits, pos, reduction="none")
+        n_pos = pos.sum(dim=1).clamp_min(1.0)
+        n_neg = (1 - pos).sum(dim=1).clamp_min(1.0)
+        dense = 0.5 * ((bce * pos).sum(dim=1) / n_pos + (bce * (1 - pos)).sum(dim=1) / n_neg)
+        # bottleneck term
         pre = torch.zeros(b, self.clip.num_prefix, device=tokens.device, dtype=tokens.dtype)
         w_pos = torch.cat([pre, m], dim=1)[..., None]
         w_neg = torch.cat([pre, 1.0 - m], dim=1)[..., None]
         sigma = self.prompter.settings["noise_var"] ** 0.5
         eps = torch.randn_like(tokens) * sigma
         z = torch.cat([w_pos * tokens + (1 - w_pos) * eps, w_neg * tokens + (1 - w_neg) * eps])
-        r = F.normalize(self.clip.embed_from(z, self.prompter.layer).float(), dim=-1)
-        r_pos, r_neg = r[:b], r[b:]
-        t = F.normalize(text_emb.float(), dim=-1)
-        scale = self.clip.logit_scale().to(t.device)
-        same = (ids[:, None, :] == ids[None, :, :]).all(dim=-1) & ~torch.eye(b, dtype=torch.bool, device=ids.device)
-        same = same | ~valid[None, :]  # columns of invalid (empty-mask) samples are not negatives either
-        same.fill_diagonal_(False)
-        r2t = (scale * r_pos @ t.t()).masked_fill(same, float("-inf"))
-        t2r = (scale * t @ r_pos.t()).masked_fill(same, float("-inf"))
-        t2r = torch.cat([t2r, scale * (t * r_neg).sum(dim=-1, keepdim=True)], dim=1)
-        target_idx = torch.arange(b, device=tokens.device)
-        loss = F.cross_entropy(r2t, target_idx, reduction="none") + F.cross_entropy(t2r, target_idx, reduction="none")
-        return 0.5 * loss[valid].mean()
+        r = F.normalize(self.clip.embed_from(z, layer).float(), dim=-1)
+        margin = F.softplus(10.0 * ((r[b:] * t).sum(-1) - (r[:b] * t).sum(-1)))
+        with torch.no_grad():
+            best = cos.argmax(dim=1)
+            self.last_alignment_accuracy = float((m[torch.arange(b), best] > 0)[valid].float().mean())
+        return (dense + margin)[valid].mean()

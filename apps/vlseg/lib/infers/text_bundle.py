@@ -53,7 +53,7 @@ from lib.params import (
     resolve_prompts,
 )
 from vlseg.app_support.bundles import BundleError, checkpoint_identity, config_files, read_checkpoint_record
-from vlseg.data.transforms import ImageInputError, SelectPromptd, TokenizeTextd
+from vlseg.data.transforms import ImageInputError, SelectPromptd
 from vlseg.text.prompts import PromptError
 from vlseg.uncertainty import uncertainty_scores
 

@@ -148,9 +148,13 @@ class TextBundleTrainTask(BundleTrainTask):
             train, val = partition_dataset(datalist, ratios=[1 - val_split, val_split], shuffle=True, seed=0)
         else:
             train, val = list(datalist), []
-        if not val:
-            logger.warning("%s: too few samples for a validation split; validating on the training samples",
-                           self.name)
+        nproc = self._nproc or 1
+        if len(train) < nproc:
+            raise RuntimeError(f"{self.name}: {len(datalist)} samples cannot feed {nproc} training processes; "
+                               "label more images or use fewer processes")
+        if len(val) < nproc:  # every process needs a validation sample (DistributedSampler)
+            logger.warning("%s: too few samples for a validation split (%d for %d process(es)); validating on the "
+                           "training samples", self.name, len(val), nproc)
             val = list(train)
         self._counts = (len(train), len(val))
         return train, val

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Uncertainty quality per bundle on the test split: calibration (expected calibration error, 15 bins), how well the
+uncertainty map finds the wrong pixels (AUROC), and where the doubt lies (boundary band vs object interior vs
+background).
+
+* ECE (top-label): pixel confidence max(p, 1-p) against pixel correctness of the 0.5-thresholded mask, 15 equal bins;
+  also the foreground-reliability variant (bins of p against the foreground rate).
+* AUROC: the uncertainty map as a score for "this pixel is wrong" (prediction != label), pooled over all test pixels.
+* Regions: boundary = label XOR eroded(label) (``--boundary-width`` px), interior = eroded label, background = rest;
+  pooled mean uncertainty per region.
+* Image level: Spearman correlation of the image's mean uncertainty with its error (1 - Dice): what active learning
+  relies on.
+
+Inference is the bundle's own stochastic inference (``num_samples`` of its inference config unless ``--samples``).
+
+    python scripts/benchmark_uncertainty.py            # after scripts/benchmark_accuracy.py
+    python scripts/benchmark_uncertainty.py --quick
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vlseg.bench.calibration import CalibrationAccumulator, auroc, boundary_band
+from vlseg.bench.cli import base_parser, command_line, log, out_dir
+from vlseg.bench.data import resolve_data
+from vlseg.bench.evaluate import predict_items
+from vlseg.bench.report import Report, bar_plot, default_out_dir, line_plot
+from vlseg.bench.runner import load_trained
+from vlseg.bench.trained import trained_models
+from vlseg.metrics import segmentation_metrics
+
+
+def parse_args(argv=None):
+    p = base_parser("uncertainty", __doc__)
+    p.add_argument("--datalist", type=Path, default=None)
+    p.add_argument("--from-accuracy", type=Path, default=default_out_dir("accuracy") / "results.json")
+    p.add_argument("--variant", default="small", help="variant of a bundle's own models/model.pt when not recorded")
+    p.add_argument("--samples", type=int, default=None, help="stochastic passes (default: the bundle's num_samples)")
+    p.add_argument("--bins", type=int, default=15)
+    p.add_argument("--boundary-width", type=int, default=2, help="boundary band width in pixels")
+    p.add_argument("--max-test", type=int, default=None, help="only the first N test items (quick: 4)")
+    a = p.parse_args(argv)
+    a.max_test = a.max_test or (4 if a.quick else None)
+    return a
+
+
+def spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3:
+        return float("nan")
+    r = spearmanr(x, y)
+    return float(getattr(r, "statistic", r[0]))
+
+
+def measure(bm, items, samples, bins, width) -> dict:
+    from scipy import ndimage
+
+    top = CalibrationAccumulator(bins, "top_label")
+    pos = CalibrationAccumulator(bins, "positive")
+    unc_all, err_all = [], []
+    sums = {"boundary": [0.0, 0], "interior": [0.0, 0], "background": [0.0, 0]}
+    img_unc, img_err, dices = [], [], []
+    for p in predict_items(bm, items, num_samples=samples):
+        lab = p.label
+        top.add(p.prob, lab)
+        pos.add(p.prob, lab)
+        err = p.mask != lab
+        unc_all.append(p.uncertainty.astype(np.float32).ravel())
+        err_all.append(err.ravel())
+        interior = ndimage.binary_erosion(lab, iterations=width, border_value=0)
+        regions = {"boundary": lab ^ interior, "interior": interior, "background": ~lab}
+        for k, r in regions.items():
+            sums[k][0] += float(p.uncertainty[r].sum())
+            sums[k][1] += int(r.sum())
+        d = segmentation_metrics(p.mask, lab)["dice"]
+        dices.append(d)
+        img_unc.append(float(p.uncertainty.mean()))
+        img_err.append(1.0 - d)
+    u, e = np.concatenate(unc_all), np.concatenate(err_all)
+    region = {k: (s / n if n else float("nan")) for k, (s, n) in sums.items()}
+    return {
+        "n_images": len(dices), "n_pixels": int(u.size), "dice": float(np.mean(dices)), "pixel_error_rate": float(e.mean()),
+        "ece": top.ece(), "ece_foreground": pos.ece(), "auroc_error": auroc(u, e), "mean_uncertainty": float(u.mean()),
+        "mean_uncertainty_on_errors": float(u[e].mean()) if e.any() else float("nan"),
+        "mean_uncertainty_on_correct": float(u[~e].mean()) if (~e).any() else float("nan"),
+        "region_mean": region,
+        "boundary_over_interior": region["boundary"] / region["interior"] if region["interior"] else float("nan"),
+        "image_spearman_uncertainty_vs_error": spearman(img_unc, img_err),
+        "reliability": {k: np.asarray(v).tolist() for k, v in top.bins().items()},
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = out_dir(args)
+    acc = json.loads(args.from_accuracy.read_text()) if args.from_accuracy and args.from_accuracy.is_file() else {}
+    dl = args.datalist or ((acc.get("data") or {}).get("datalist") if acc else None)
+    data = resolve_data(dl, quick=args.quick, limits={"test": args.max_test} if args.max_test else None)
+    rep = Report(out, f"Uncertainty quality ({data.name}, test split)", command_line())
+    rep.machine()
+    items = data.items("test")
+    results, skipped = {}, []
+    for tm in trained_models(args.bundles_dir, args.bundles, args.from_accuracy, args.variant):
+        if tm.checkpoint is None:
+            skipped.append(f"{tm.name}: {tm.note}")
+            continue
+        bm = load_trained(tm)
+        n = args.samples or bm.num_samples
+        label = f"{tm.name} ({tm.variant})"
+        log(f"{label}: {n} passes on {len(items)} test images")
+        r = measure(bm, items, n, args.bins, args.boundary_width)
+        r.update(samples=n, source=tm.source, checkpoint=str(tm.checkpoint),
+                 sampler="own sampler (sample_probabilities)" if hasattr(bm.network, "sample_probabilities") else "MC dropout")
+        results[label] = r
+        log(f"  ECE {r['ece']:.4f} AUROC {r['auroc_error']:.3f} boundary/interior {r['boundary_over_interior']:.2f}")
+
+    rep.results.update(models=results, skipped=skipped, settings={"bins": args.bins, "boundary_width": args.boundary_width},
+                       data={"name": data.name, "datalist": str(data.datalist), "n_test": len(items)})
+    rep.h2("Setup")
+    rep.bullets([
+        f"{len(items)} test items of {data.name}, default prompt of each item; the bundles' own stochastic inference.",
+        f"ECE with {args.bins} equal-width bins; boundary band {args.boundary_width} px inside the label outline.",
+    ])
+    if skipped:
+        rep.p("Skipped: " + "; ".join(skipped))
+    labels = list(results)
+    if labels:
+        rep.h2("Calibration and error detection")
+        rep.table(["model", "passes (sampler)", "Dice", "pixel error rate", "ECE (top-label)", "ECE (foreground)",
+                   "AUROC uncertainty -> error", "mean unc. on errors", "mean unc. on correct",
+                   "image-level Spearman (unc. vs 1-Dice)"],
+                  [[lab, f"{r['samples']} ({r['sampler']})", r["dice"], r["pixel_error_rate"], r["ece"], r["ece_foreground"],
+                    r["auroc_error"], r["mean_uncertainty_on_errors"], r["mean_uncertainty_on_correct"],
+                    r["image_spearman_uncertainty_vs_error"]] for lab, r in results.items()])
+        rep.h2("Where the uncertainty lies")
+        rep.table(["model", "boundary band", "object interior", "background", "boundary / interior"],
+                  [[lab, r["region_mean"]["boundary"], r["region_mean"]["interior"], r["region_mean"]["background"],
+                    r["boundary_over_interior"]] for lab, r in results.items()])
+        series = {}
+        for lab, r in results.items():
+            rel = r["reliability"]
+            conf, accu = np.array(rel["confidence"], float), np.array(rel["accuracy"], float)
+            ok = ~np.isnan(conf)
+            series[lab] = (conf[ok], accu[ok])
+        line_plot(out / "reliability.png", series, "confidence max(p, 1-p)", "pixel accuracy",
+                  f"Reliability diagram ({args.bins} bins)", diagonal=True)
+        rep.image(out / "reliability.png", "Reliability diagram: accuracy per confidence bin (diagonal = calibrated)")
+        bar_plot(out / "uncertainty_regions.png", ["boundary", "interior", "background"],
+                 {lab: [r["region_mean"][k] for k in ("boundary", "interior", "background")] for lab, r in results.items()},
+                 "mean uncertainty", "Mean uncertainty per region")
+        rep.image(out / "uncertainty_regions.png", "Mean uncertainty on the boundary band, the object interior and the background")
+    path = rep.write()
+    log(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

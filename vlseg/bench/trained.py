@@ -1,0 +1,67 @@
+"""Where the evaluation benchmarks (prompts, uncertainty) get trained weights from.
+
+1. ``--from-accuracy reports/accuracy/results.json`` (default when it exists): the checkpoints the accuracy
+   benchmark trained (same data, same budget), for every bundle it trained;
+2. otherwise each bundle's own ``models/model.pt`` (variant from ``models/vlseg_checkpoint.json`` when present,
+   else ``--variant``).
+A bundle with neither is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlseg.bench.bundles import PAPER, find_bundles
+
+__all__ = ["TrainedModel", "trained_models"]
+
+
+@dataclass
+class TrainedModel:
+    name: str
+    root: Path | None
+    variant: str
+    checkpoint: Path | None
+    source: str
+    note: str = ""
+
+    @property
+    def variant_arg(self) -> str | None:
+        return None if self.variant in (PAPER, "", None) else self.variant
+
+
+def trained_models(bundles_dir: Path, names=None, from_accuracy: Path | None = None, variant: str = "small",
+                   include_baseline: bool = False) -> list[TrainedModel]:
+    bundles = {b.name: b for b in find_bundles(bundles_dir, names)}
+    out: list[TrainedModel] = []
+    acc = {}
+    if from_accuracy is not None and Path(from_accuracy).is_file():
+        res = json.loads(Path(from_accuracy).read_text())
+        for m in res.get("models", []):
+            if m.get("checkpoint") and Path(m["checkpoint"]).is_file() and m.get("fraction", 100) == 100:
+                acc[m["name"]] = m
+        if include_baseline and "monai_basicunet" in acc:
+            m = acc["monai_basicunet"]
+            out.append(TrainedModel("monai_basicunet", None, "default", Path(m["checkpoint"]),
+                                    f"accuracy benchmark ({from_accuracy})"))
+    for name, root in bundles.items():
+        if name in acc:
+            m = acc[name]
+            out.append(TrainedModel(name, root, m["variant"], Path(m["checkpoint"]), f"accuracy benchmark ({from_accuracy})"))
+            continue
+        ckpt = root / "models" / "model.pt"
+        if ckpt.is_file():
+            v = variant
+            rec = root / "models" / "vlseg_checkpoint.json"
+            if rec.is_file():
+                try:
+                    v = json.loads(rec.read_text()).get("variant") or PAPER
+                except ValueError:
+                    pass
+            out.append(TrainedModel(name, root, v, ckpt, "bundle models/model.pt"))
+        else:
+            out.append(TrainedModel(name, root, variant, None, "none",
+                                    "no trained checkpoint: run scripts/benchmark_accuracy.py first"))
+    return out
