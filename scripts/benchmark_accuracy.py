@@ -140,8 +140,15 @@ def main(argv=None) -> int:
             log(f"training {b.name} ({args.variant}) on {frac}% ({len(train_items)} items) for {args.budget_seconds:.0f} s ...")
             from vlseg.bench.train import train_bundle
 
-            r = train_bundle(b, None if variant_label(args.variant) == "paper" else args.variant, dl, wd,
-                             args.budget_seconds, extra=extra, timeout=args.timeout, in_process=args.in_process)
+            variant = None if variant_label(args.variant) == "paper" else args.variant
+            try:
+                r = train_bundle(b, variant, dl, wd, args.budget_seconds, extra=extra, timeout=args.timeout,
+                                 in_process=args.in_process)
+            except Exception as e:  # noqa: BLE001 - e.g. a bundle without the variant file: report, go on
+                log(f"  FAILED: {type(e).__name__}: {e}")
+                models.append(dict(name=b.name, variant=variant_label(args.variant), fraction=frac, n_train=len(train_items),
+                                   error=f"{type(e).__name__}: {e}"))
+                continue
             info = {"checkpoint": str(r.checkpoint) if r.checkpoint else None, "train_wall_s": r.wall_s,
                     "epochs": epochs_from_log(r.log), "stopped_by_budget": stopped_by_budget(r.log), "log": str(r.log),
                     "n_train": len(train_items), "overrides": r.overrides}
@@ -149,7 +156,7 @@ def main(argv=None) -> int:
                 log(f"  FAILED: {r.error}")
                 models.append(dict(name=b.name, variant=variant_label(args.variant), fraction=frac, error=r.error, **info))
                 continue
-            bm = load_bundle_model(b, None if variant_label(args.variant) == "paper" else args.variant, checkpoint=r.checkpoint)
+            bm = load_bundle_model(b, variant, checkpoint=r.checkpoint)
             evaluate(bm, b.name, variant_label(args.variant), frac, info)
 
     if not args.no_baseline:

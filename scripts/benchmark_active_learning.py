@@ -57,9 +57,9 @@ def parse_args(argv=None):
     q = a.quick
     a.variant = a.variant or ("tiny" if q else "small")
     a.budget_seconds = a.budget_seconds or (6.0 if q else 300.0)
-    a.max_fraction = a.max_fraction or (50.0 if q else 100.0)
+    a.max_fraction = a.max_fraction or 100.0
     if q and a.initial == 10.0 and a.step == 10.0:
-        a.initial, a.step = 25.0, 25.0
+        a.initial, a.step = 50.0, 50.0  # two rounds; the 100 % round is also the full-data reference
     a.seeds = a.seeds or (1 if q else 3)
     a.scoring_samples = a.scoring_samples or (2 if q else 8)
     a.max_train = a.max_train or (8 if q else None)

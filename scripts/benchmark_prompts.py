@@ -68,7 +68,11 @@ def main(argv=None) -> int:
         size = None
         if tm.name == "monai_basicunet":
             size = next((m.get("size") for m in acc.get("models", []) if m["name"] == "monai_basicunet"), None)
-        bm = load_trained(tm, size)
+        try:
+            bm = load_trained(tm, size)
+        except Exception as e:  # noqa: BLE001 - report and go on with the others
+            skipped.append(f"{tm.name}: cannot load ({type(e).__name__}: {e})")
+            continue
         results[label] = {"source": tm.source, "checkpoint": str(tm.checkpoint), "dice": {}, "iou": {}, "nsd": {}, "dice_std": {}}
         for k in keys:
             ev = evaluate_items(bm, test_items, prompt_key=k, num_samples=args.samples)["summary"]

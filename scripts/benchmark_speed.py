@@ -51,12 +51,12 @@ def parse_args(argv=None):
     a.variants = a.variants if a.variants is not None else (["tiny"] if q else ["paper", "small"])
     a.peers = a.peers if a.peers is not None else (QUICK_PEERS if q else DEFAULT_PEERS)
     a.batches = a.batches or ([1, 2] if q else [1, 8])
-    a.repeats = a.repeats or (3 if q else 10)
+    a.repeats = a.repeats or (2 if q else 10)
     a.max_seconds_per_case = a.max_seconds_per_case or (20.0 if q else 120.0)
-    a.train_steps = a.train_steps if a.train_steps is not None else (2 if q else 3)
+    a.train_steps = a.train_steps if a.train_steps is not None else (1 if q else 3)
     a.train_batch = a.train_batch or (2 if q else 8)
     a.image_size = a.image_size or (64 if q else None)
-    a.sampling_passes = 4 if q and a.sampling_passes == 30 else a.sampling_passes
+    a.sampling_passes = 3 if q and a.sampling_passes == 30 else a.sampling_passes
     a.in_process = a.in_process or q
     return a
 
@@ -180,6 +180,7 @@ def main(argv=None) -> int:
             results.append(c)
             continue
         spec = dict(c["spec"], batches=args.batches, repeats=args.repeats, max_seconds=args.max_seconds_per_case,
+                    min_repeats=1 if args.quick else 3,
                     train_steps=args.train_steps, train_batch=args.train_batch, threads=args.threads)
         if args.image_size:
             spec["force_size"] = args.image_size

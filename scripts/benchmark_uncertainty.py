@@ -113,7 +113,11 @@ def main(argv=None) -> int:
         if tm.checkpoint is None:
             skipped.append(f"{tm.name}: {tm.note}")
             continue
-        bm = load_trained(tm)
+        try:
+            bm = load_trained(tm)
+        except Exception as e:  # noqa: BLE001 - report and go on with the others
+            skipped.append(f"{tm.name}: cannot load ({type(e).__name__}: {e})")
+            continue
         n = args.samples or bm.num_samples
         label = f"{tm.name} ({tm.variant})"
         log(f"{label}: {n} passes on {len(items)} test images")

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -172,39 +173,68 @@ def server(tmp_path_factory, app_demo):
     studies.mkdir()
     for png in sorted((demo / "images").rglob("*.png")):
         shutil.copy(png, studies / png.name)
-    volumes = sorted((demo / "volumes").glob("*.nii.gz"))[:1]
-    for v in volumes:
-        shutil.copy(v, studies / v.name)
+    import nibabel as nib
+
+    # one volume, cut to the 3 slices around its first object (each slice is one 2D inference per bundle)
+    vol = sorted((demo / "volumes").glob("*.nii.gz"))[0]
+    obj = np.asarray(nib.load(str(sorted((demo / "volume_labels").glob(vol.name.replace(".nii.gz", "_obj*")))[0])).dataobj)
+    k = int(np.argmax(obj.sum(axis=(0, 1))))
+    k0 = max(0, min(k - 1, obj.shape[2] - 3))
+    nib.save(nib.load(str(vol)).slicer[:, :, k0:k0 + 3], str(studies / vol.name))
     (studies / "validation_0000.txt").write_text("polyp\n")  # a caption sidecar
 
     bundles = root / "bundles"
     bundles.mkdir()
-    sources = [TOY] + _real_tiny_bundles()
-    copies = [_copy_bundle(src, bundles / ("toy" if src == TOY else src.name)) for src in sources]
+    toy = _copy_bundle(TOY, bundles / "toy")
+    real = [_copy_bundle(src, bundles / src.name) for src in _real_tiny_bundles()]
     logs = root / "logs"
     logs.mkdir()
 
-    def make(b: Path):
+    # the toy goes through ensure_checkpoint (a real 1-epoch training run); the real bundles get untrained tiny
+    # networks as checkpoints (serving only needs weights that fit), all in one subprocess, in parallel
+    def train_toy():
         try:
-            ensure_checkpoint(b, "tiny", datalist=tiny_demo, max_epochs=1, timeout=300, log_path=logs / f"{b.name}.log")
-            return b.name, None
+            ensure_checkpoint(toy, "tiny", datalist=tiny_demo, max_epochs=1, timeout=300, log_path=logs / "toy.log")
+            return {"toy": None}
         except Exception as e:  # reported by test_every_tiny_bundle_loads
-            return b.name, str(e)
+            return {"toy": str(e)}
+
+    def init_real():
+        if not real:
+            return {}
+        cmd = [sys.executable, "-m", "vlseg.app_support.checkpoints", "--variant", "tiny", "--random-init"]
+        for b in real:
+            cmd += ["--bundle", str(b)]
+        with open(logs / "real_init.log", "w") as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=600)
+        text = (logs / "real_init.log").read_text()
+        return {b.name: (None if (b / "models" / "model.pt").is_file() else text[-2000:]) for b in real}
 
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        made = dict(pool.map(make, copies))
+        jobs = [pool.submit(train_toy), pool.submit(init_real)]
+        made = {k: v for j in jobs for k, v in j.result().items()}
     checkpoint_seconds = time.time() - t0
+
+    # two bundles that must be skipped with a reason while the others load
+    no_ckpt = _copy_bundle(TOY, bundles / "toy_no_checkpoint")
+    wrong = _copy_bundle(TOY, bundles / "toy_wrong_variant")
+    if (toy / "models" / "model.pt").is_file():
+        (wrong / "models").mkdir(exist_ok=True)
+        shutil.copy(toy / "models" / "model.pt", wrong / "models" / "model.pt")
+        (wrong / "models" / "vlseg_checkpoint.json").write_text(json.dumps({"variant": "small"}))
+    expected_skips = {no_ckpt.name: "no checkpoint", wrong.name: "made for variant 'small'"}
 
     app = root / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-    conf = {"bundles_dir": bundles, "variant": "tiny", "scoring_samples": 2, "train_epochs": 1}
+    conf = {"bundles_dir": bundles, "variant": "tiny", "scoring_samples": 2, "train_epochs": 1, "scoring_model": "toy"}
     t1 = time.time()
     handle = start_server(app, studies, conf, log_path=root / "server.log", timeout=SERVER_START_TIMEOUT,
                           env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false"})
     print(f"\n[test_app] checkpoints {checkpoint_seconds:.0f}s, server start {time.time() - t1:.0f}s")
     try:
         yield {"url": handle.url, "studies": studies, "bundles": bundles, "made": made, "root": root,
+               "expected_skips": expected_skips,
                "handle": handle, "client": MONAILabelClient(handle.url, tmpdir=str(root / "client"))}
     finally:
         stop_server(handle)
@@ -227,10 +257,14 @@ def _png(path) -> np.ndarray:
 
 
 def test_every_tiny_bundle_loads(server):
+    """Every bundle with a fitting checkpoint loads; the two broken copies are skipped with their reason."""
     info = _info(server)
     expected = sorted(server["made"])
     problems = {k: v for k, v in server["made"].items() if v}
-    problems.update(info["vlseg"]["skipped"])
+    skipped = dict(info["vlseg"]["skipped"])
+    for name, reason in server["expected_skips"].items():
+        assert reason in skipped.pop(name, ""), info["vlseg"]["skipped"]
+    problems.update(skipped)
     assert not problems, f"bundles that did not load: {problems}"
     assert sorted(info["models"]) == expected
     assert set(info["strategies"]) == {"uncertainty", "random", "first"}

@@ -37,7 +37,7 @@ from vlseg.app_support.bundles import (
     repo_bundles_dir,
 )
 
-__all__ = ["ensure_checkpoint", "train_command", "main"]
+__all__ = ["ensure_checkpoint", "write_initial_checkpoint", "train_command", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,38 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     return ckpt
 
 
+def write_initial_checkpoint(bundle_dir, variant: str | None = None, seed: int = 0) -> Path:
+    """Save the untrained network of ``configs/inference.json`` + variant as ``models/model.pt`` (tests only:
+    serving needs weights that fit the network, not good ones). Recorded as ``random initialisation``."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle_dir = Path(bundle_dir).resolve()
+    ckpt = checkpoint_path(bundle_dir)
+    saved = {k: v for k, v in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
+    for k in saved:
+        del sys.modules[k]
+    sys.path.insert(0, str(bundle_dir))
+    try:
+        parser = ConfigParser()
+        parser.read_config([str(p) for p in config_files(bundle_dir, "inference", variant)])
+        parser["bundle_root"] = str(bundle_dir)
+        torch.manual_seed(seed)
+        net = parser.get_parsed_content("network_def", instantiate=True)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), ckpt)
+    finally:
+        sys.path.remove(str(bundle_dir))
+        for k in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    (ckpt.parent / CHECKPOINT_RECORD).write_text(json.dumps({
+        "variant": variant or "", "made_by": "vlseg.app_support.checkpoints.write_initial_checkpoint",
+        "source": f"random initialisation (seed {seed}); for tests only", "sha256": file_sha256(ckpt),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    return ckpt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train a bundle's size variant briefly when it has no models/model.pt.")
     src = ap.add_mutually_exclusive_group()
@@ -205,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="hard limit per bundle; the run is stopped after it")
     ap.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     ap.add_argument("--log-dir", default=None, help="write each bundle's training output to <log-dir>/<name>.log")
+    ap.add_argument("--random-init", action="store_true",
+                    help="tests only: save the untrained network as the checkpoint instead of training")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     bundles = ({Path(b).name: Path(b) for b in args.bundle} if args.bundle
@@ -215,11 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log_path:
             log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if args.random_init:
+                print(f"{name}: {write_initial_checkpoint(path, args.variant)}")
+                continue
             ckpt = ensure_checkpoint(path, args.variant, args.datalist, args.max_epochs, args.timeout, args.force, log_path,
                                      max_seconds=args.max_seconds)
             print(f"{name}: {ckpt}")
-        except BundleError as e:
-            print(f"{name}: FAILED: {e}", file=sys.stderr)
+        except Exception as e:  # one bundle's failure must not hide the others
+            print(f"{name}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
             failed.append(name)
     return 1 if failed else 0
 

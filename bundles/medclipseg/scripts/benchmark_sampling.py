@@ -54,9 +54,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--text", default="one small bright round polyp in the center of the image")
     ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--flops", action="store_true", help="also count the FLOPs of one pass (torch.utils.flop_counter)")
+    ap.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from vlseg.nets.common import forward_flops
     from vlseg.text import build_tokenizer
 
     net, (tok_spec, ctx), size = build(args.variant, args.checkpoint)
@@ -99,6 +104,8 @@ def main(argv=None) -> dict:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "parameters": net.adapter_parameters(),
     }
+    if args.flops:
+        result["flops_one_pass"] = forward_flops(net, image, ids, mask)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,16 @@ def _walk(transforms):
             yield from _walk(t.transforms)
 
 
+def _user_error(e: BaseException | None) -> BaseException | None:
+    """The prompt / image error inside ``e`` (MONAI's Compose wraps transform errors in RuntimeError)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (PromptError, ImageInputError)):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
 def _to_numpy_2d(x) -> np.ndarray:
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     a = np.squeeze(a)
@@ -354,9 +364,12 @@ class TextBundleInferTask(BundleInferTask):
         except RequestError as e:
             logger.warning("%s: refused request: %s", getattr(self, "bundle_name", "?"), e)
             raise http_error(e) from None
-        except (PromptError, ImageInputError) as e:
-            logger.warning("%s: refused input: %s", getattr(self, "bundle_name", "?"), e)
-            raise http_error(e, 422) from None
+        except Exception as e:
+            user = _user_error(e)
+            if user is None:
+                raise
+            logger.warning("%s: refused input: %s", getattr(self, "bundle_name", "?"), user)
+            raise http_error(user, 422) from None
         infer_s = time.perf_counter() - start
         label_file, unc_file, unc_meta = self._write(pred, params)
         scores = uncertainty_scores(torch.from_numpy(pred.uncertainty))
