@@ -41,6 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--max-test", type=int, default=None, help="evaluate only the first N test items (quick: 4)")
     p.add_argument("--no-baseline", action="store_true", help="skip MONAI BasicUNet")
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoints and logs (default: ~/.cache/vlseg/bench/work/accuracy)")
+    p.add_argument("--epoch-length", type=int, default=None,
+                   help="iterations per training epoch, i.e. between validations / best-checkpoint saves (default 50; "
+                        "quick: the bundle's own). Without it a budget shorter than one pass over the data leaves no checkpoint")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train-config override for every bundle (JSON value), e.g. num_workers=0")
     p.add_argument("--timeout", type=float, default=None, help="kill a training process after this many seconds")
@@ -56,6 +59,8 @@ def parse_args(argv=None):
     a.max_test = a.max_test or (4 if q else None)
     a.timeout = a.timeout or (a.budget_seconds * 3 + 600)
     a.in_process = a.in_process or q
+    if a.epoch_length is None and not q:
+        a.epoch_length = 50
     return a
 
 
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
             variant = None if variant_label(args.variant) == "paper" else args.variant
             try:
                 r = train_bundle(b, variant, dl, wd, args.budget_seconds, extra=extra, timeout=args.timeout,
-                                 in_process=args.in_process)
+                                 in_process=args.in_process, epoch_length=args.epoch_length)
             except Exception as e:  # noqa: BLE001 - e.g. a bundle without the variant file: report, go on
                 log(f"  FAILED: {type(e).__name__}: {e}")
                 models.append(dict(name=b.name, variant=variant_label(args.variant), fraction=frac, n_train=len(train_items),
@@ -165,7 +170,8 @@ def main(argv=None) -> int:
         log(f"training MONAI BasicUNet for {args.budget_seconds:.0f} s ...")
         size = (64, 64) if args.quick else (224, 224)
         t = time.perf_counter()
-        r = train_basicunet(train_all, val_all, args.budget_seconds, work / "monai_basicunet", size=size)
+        r = train_basicunet(train_all, val_all, args.budget_seconds, work / "monai_basicunet", size=size,
+                            epoch_length=args.epoch_length)
         bm = basicunet_model(r["checkpoint"], size=size)
         evaluate(bm, "monai_basicunet", "default", 100,
                  {"checkpoint": str(r["checkpoint"]), "train_wall_s": time.perf_counter() - t, "epochs": r["epochs"],
@@ -183,8 +189,11 @@ def main(argv=None) -> int:
         f"Budget: **{args.budget_seconds:.0f} s of training wall clock per model** (validation included; the bundles stop "
         "with `StopAfterSeconds` when the next epoch would not fit), random initialisation, encoders trainable "
         "(`train_encoders: true` where the bundle has the switch).",
-        f"Bundles: variant `{args.variant}`, their own `train.json` run by `python -m monai.bundle run`; overrides "
-        f"{sorted(extra) or 'none besides datalist/ckpt_dir/output_dir/max_train_seconds/train_encoders'}.",
+        f"Bundles: variant `{args.variant}`, their own `train.json` run by "
+        f"`{'monai.bundle create_workflow/run in-process' if args.in_process else 'python -m monai.bundle run'}`; overrides: "
+        "datalist, ckpt_dir, output_dir, max_train_seconds, train_encoders"
+        + (f", epoch_length {args.epoch_length} (validation + best checkpoint every {args.epoch_length} iterations)"
+           if args.epoch_length else "") + (f", {sorted(extra)}" if extra else "") + ".",
         "Test metrics at the label size (224x224 for the prepared Kvasir-SEG; outputs resized back), threshold 0.5 on the "
         "mean probability of the bundle's inference passes; NSD tolerance 2 px. MONAI BasicUNet (text-blind) trains "
         "with DiceCE + Adam 1e-3 on the same images at the same size and budget.",

@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--max-val", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--work-dir", type=Path, default=None)
+    p.add_argument("--epoch-length", type=int, default=None,
+                   help="iterations per training epoch, i.e. between validations / best-checkpoint saves (default 50; "
+                        "quick: the bundle's own). Without it a budget shorter than one pass over the data leaves no checkpoint")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--in-process", action="store_true", help="train in this process (default with --quick)")
     a = p.parse_args(argv)
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     a.max_val = a.max_val or (4 if q else None)
     a.max_test = a.max_test or (4 if q else None)
     a.in_process = a.in_process or q
+    if a.epoch_length is None and not q:
+        a.epoch_length = 50
     return a
 
 
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
         dl = write_datalist({"name": data.name, "training": [by_key[k] for k in labeled], "validation": val_items,
                              "test": test_items}, wd / "datalist.json")
         r = train_bundle(bundle, variant, dl, wd, args.budget_seconds, extra=extra, in_process=args.in_process,
-                         timeout=args.budget_seconds * 3 + 600)
+                         timeout=args.budget_seconds * 3 + 600, epoch_length=args.epoch_length)
         if not r.ok:
             res = {"dice": float("nan"), "error": r.error, "copy": None}
         else:

@@ -36,9 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-checkpoints", action="store_true", help="do not train missing checkpoints")
     args = ap.parse_args(argv)
 
+    from vlseg.app_support.checkpoints import exit_on_sigterm
     from vlseg.data.demo import ensure_demo_dataset
     from vlseg.workflow import ensure_bundle_checkpoints, run_server_round_trip
 
+    exit_on_sigterm()  # a killed run still stops its training / server processes
     t0 = time.time()
     datalist = Path(ensure_demo_dataset(args.data)) if args.data else Path(ensure_demo_dataset())
     print(f"[round-trip] demo data: {datalist.parent}")

@@ -124,6 +124,32 @@ def test_strategy_serves_most_uncertain_and_breaks_ties_by_least_recently_served
     assert s({"strategy": "uncertainty"}, _FakeDatastore({})) is None
 
 
+def test_checkpoint_helpers_fit_variant_and_fall_back_to_final_weights(tmp_path):
+    import torch
+
+    from vlseg.app_support.bundles import BundleError, config_files, discover_bundles, read_checkpoint_record
+    from vlseg.app_support.checkpoints import _weights_from_final_state, checkpoint_mismatch, write_initial_checkpoint
+
+    toy = shutil.copytree(TOY, tmp_path / "bundles" / "toy")
+    assert list(discover_bundles(tmp_path / "bundles")) == ["toy"]
+    with pytest.raises(BundleError, match="not found"):
+        discover_bundles(tmp_path / "bundles", "toy,nope")
+    with pytest.raises(BundleError, match="configs/huge.json does not exist"):
+        config_files(toy, "inference", "huge")
+    with pytest.raises(BundleError, match="invalid variant"):
+        config_files(toy, "inference", "../x")
+    ckpt = write_initial_checkpoint(toy, "tiny")
+    assert read_checkpoint_record(toy)["variant"] == "tiny"
+    assert checkpoint_mismatch(toy, "tiny") is None
+    assert "wrongly shaped" in checkpoint_mismatch(toy, "small")  # 4 vs 8 channels
+    # a time budget that ended before validation: the weights of the final training state are used
+    state = torch.load(ckpt, weights_only=True)
+    ckpt.unlink()
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}}, ckpt.parent / "full_state_final.pt")
+    assert _weights_from_final_state(toy, 0, ckpt) == "full_state_final.pt"
+    assert sorted(torch.load(ckpt, weights_only=True)) == sorted(state)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the real server
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from vlseg.app_support.bundles import (
     repo_bundles_dir,
 )
 
-__all__ = ["ensure_checkpoint", "write_initial_checkpoint", "train_command", "main"]
+__all__ = ["ensure_checkpoint", "write_initial_checkpoint", "build_network", "checkpoint_mismatch", "train_command", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epo
     """The ``monai.bundle run`` command line training ``bundle_dir`` with its ``variant`` override file."""
     bundle_dir = Path(bundle_dir).resolve()
     files = [str(p) for p in config_files(bundle_dir, "train", variant)]
+    if max_seconds:
+        files.append(str(_final_saver_file()))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "run",
            "--meta_file", str(bundle_dir / "configs" / "metadata.json"),
            "--config_file", json.dumps(files).replace('"', "'"),
@@ -63,6 +65,23 @@ def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epo
     for k, v in (overrides or {}).items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return cmd
+
+
+#: Appended to the train configs of a time-boxed run: also save the network when training ends (also when the
+#: time budget terminates it before the first validation saved a best checkpoint).
+FINAL_SAVER = {"+train#handlers": [{
+    "_target_": "CheckpointSaver", "save_dir": "$@bundle_root + '/models'", "save_dict": {"model": "@network"},
+    "save_final": True, "final_filename": "model_final.pt"}]}
+
+
+def _final_saver_file() -> Path:
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / "vlseg_final_saver.json"
+    text = json.dumps(FINAL_SAVER, indent=1)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 def _bundle_env(bundle_dir: Path) -> dict:
@@ -120,12 +139,15 @@ def _weights_from_final_state(bundle_dir: Path, since: float, ckpt: Path) -> str
     import torch
 
     cands = sorted((p for p in ckpt.parent.glob("*.pt") if p != ckpt and p.stat().st_mtime >= since - 1),
-                   key=lambda p: ("final" not in p.name, -p.stat().st_mtime))
+                   key=lambda p: (p.name != "model_final.pt", "final" not in p.name, -p.stat().st_mtime))
     for p in cands:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception:  # not a plain tensor checkpoint
             continue
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            torch.save(state, ckpt)  # a bare state dict (CheckpointSaver with one object)
+            return p.name
         for key in ("model", "network", "state_dict"):
             sd = state.get(key) if isinstance(state, dict) else None
             if isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -136,11 +158,12 @@ def _weights_from_final_state(bundle_dir: Path, since: float, ckpt: Path) -> str
 
 def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, max_epochs: int | None = None,
                       timeout: float | None = None, force: bool = False, log_path=None,
-                      overrides: dict | None = None, max_seconds: float | None = None) -> Path:
+                      overrides: dict | None = None, max_seconds: float | None = None, check_fit: bool = True) -> Path:
     """Return ``<bundle>/models/model.pt``, training the ``variant`` first if needed.
 
-    Trains when the checkpoint is missing, when ``force``, or when ``models/vlseg_checkpoint.json`` records a
-    different variant (the old file is kept as ``models/model.<old variant>.pt``). ``datalist`` (default: the
+    Trains when the checkpoint is missing, when ``force``, when ``models/vlseg_checkpoint.json`` records a
+    different variant, or (``check_fit``) when its tensors do not fit the variant's current network (the old file
+    is kept as ``models/model.<old variant>.pt``). ``datalist`` (default: the
     bundle's own default, the demo set), ``max_epochs`` (default: the variant's) and ``max_seconds`` (the
     bundles' ``max_train_seconds`` wall-clock budget, ended gracefully after an epoch) are passed as overrides;
     ``timeout`` is a hard limit after which the training process is stopped. Raises :class:`BundleError` when training fails, times out or writes no checkpoint.
@@ -152,10 +175,14 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     if ckpt.is_file() and not force:
         made_by = record.get("variant", "") if record else None
         if made_by is None or made_by == (variant or ""):
-            return ckpt
-        backup = ckpt.with_name(f"model.{made_by or 'default'}.pt")
-        logger.warning("%s: models/model.pt was made for variant %r, not %r; keeping it as %s and retraining",
-                       bundle_dir.name, made_by, variant, backup.name)
+            why = checkpoint_mismatch(bundle_dir, variant) if check_fit else None
+            if why is None:
+                return ckpt
+            reason = f"does not fit the current {variant or 'default'!r} network: {why}"
+        else:
+            reason = f"was made for variant {made_by!r}, not {variant!r}"
+        backup = ckpt.with_name(f"model.{made_by or 'previous'}.pt")
+        logger.warning("%s: models/model.pt %s; keeping it as %s and retraining", bundle_dir.name, reason, backup.name)
         shutil.move(str(ckpt), str(backup))
     cmd = train_command(bundle_dir, variant, datalist, max_epochs, overrides, max_seconds)
     logger.info("%s: training variant %r for a checkpoint: %s", bundle_dir.name, variant, " ".join(cmd))
@@ -191,31 +218,69 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     return ckpt
 
 
-def write_initial_checkpoint(bundle_dir, variant: str | None = None, seed: int = 0) -> Path:
-    """Save the untrained network of ``configs/inference.json`` + variant as ``models/model.pt`` (tests only:
-    serving needs weights that fit the network, not good ones). Recorded as ``random initialisation``."""
+class _bundle_imports:
+    """Put a bundle folder first on ``sys.path`` with its own ``scripts`` package (restored on exit)."""
+
+    def __init__(self, bundle_dir: Path):
+        self.bundle_dir = str(bundle_dir)
+
+    def __enter__(self):
+        self.saved = {k: v for k, v in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
+        for k in self.saved:
+            del sys.modules[k]
+        sys.path.insert(0, self.bundle_dir)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bundle_dir in sys.path:
+            sys.path.remove(self.bundle_dir)
+        for k in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
+            del sys.modules[k]
+        sys.modules.update(self.saved)
+
+
+def build_network(bundle_dir, variant: str | None = None, seed: int | None = None):
+    """The ``network_def`` of ``configs/inference.json`` + the variant file, on CPU."""
     import torch
     from monai.bundle import ConfigParser
 
     bundle_dir = Path(bundle_dir).resolve()
-    ckpt = checkpoint_path(bundle_dir)
-    saved = {k: v for k, v in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
-    for k in saved:
-        del sys.modules[k]
-    sys.path.insert(0, str(bundle_dir))
-    try:
+    with _bundle_imports(bundle_dir):
         parser = ConfigParser()
         parser.read_config([str(p) for p in config_files(bundle_dir, "inference", variant)])
         parser["bundle_root"] = str(bundle_dir)
-        torch.manual_seed(seed)
-        net = parser.get_parsed_content("network_def", instantiate=True)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(net.state_dict(), ckpt)
-    finally:
-        sys.path.remove(str(bundle_dir))
-        for k in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return parser.get_parsed_content("network_def", instantiate=True)
+
+
+def checkpoint_mismatch(bundle_dir, variant: str | None = None, network=None) -> str | None:
+    """None when ``models/model.pt`` loads into the variant's network, else what does not fit."""
+    import torch
+
+    ckpt = checkpoint_path(bundle_dir)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    expected = (network if network is not None else build_network(bundle_dir, variant)).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if not (missing or unexpected or wrong):
+        return None
+    return (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors "
+            f"(e.g. {(missing + unexpected + wrong)[:3]})")
+
+
+def write_initial_checkpoint(bundle_dir, variant: str | None = None, seed: int = 0) -> Path:
+    """Save the untrained network of ``configs/inference.json`` + variant as ``models/model.pt`` (tests only:
+    serving needs weights that fit the network, not good ones). Recorded as ``random initialisation``."""
+    import torch
+
+    bundle_dir = Path(bundle_dir).resolve()
+    ckpt = checkpoint_path(bundle_dir)
+    net = build_network(bundle_dir, variant, seed=seed)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), ckpt)
     (ckpt.parent / CHECKPOINT_RECORD).write_text(json.dumps({
         "variant": variant or "", "made_by": "vlseg.app_support.checkpoints.write_initial_checkpoint",
         "source": f"random initialisation (seed {seed}); for tests only", "sha256": file_sha256(ckpt),
@@ -223,7 +288,13 @@ def write_initial_checkpoint(bundle_dir, variant: str | None = None, seed: int =
     return ckpt
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so running trainings and servers are stopped by their ``finally`` blocks."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description="Train a bundle's size variant briefly when it has no models/model.pt.")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--bundle", action="append", help="bundle folder (repeatable)")

@@ -93,8 +93,12 @@ def _dice(pred: torch.Tensor, label: torch.Tensor) -> list[float]:
 
 def train_basicunet(train_items: list[dict], val_items: list[dict], max_seconds: float, work_dir: Path,
                     size: Sequence[int] = (224, 224), batch_size: int = 8, lr: float = 1e-3, max_epochs: int = 1000,
-                    seed: int = 0) -> dict[str, Any]:
-    """Train within ``max_seconds`` (the training loop's wall clock, validation included); save the best weights."""
+                    seed: int = 0, epoch_length: int | None = None) -> dict[str, Any]:
+    """Train within ``max_seconds`` (the training loop's wall clock, validation included); save the best weights.
+
+    An "epoch" is ``epoch_length`` iterations (default: one pass over the data), followed by validation, as in the
+    bundles' runs with the same setting.
+    """
     from monai.data import CacheDataset, DataLoader
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
@@ -107,43 +111,53 @@ def train_basicunet(train_items: list[dict], val_items: list[dict], max_seconds:
     val_ds = CacheDataset(val_items, _transforms(size, False), progress=False, num_workers=0)
     train_dl = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=len(train_ds) > batch_size)
     val_dl = DataLoader(val_ds, batch_size=batch_size, shuffle=False, num_workers=0)
+    per_epoch = int(epoch_length) if epoch_length else len(train_dl)
     net = _build_net()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = DiceCELoss(sigmoid=True)
     setup_s = time.perf_counter() - t_setup
-    t0 = time.perf_counter()
-    best, best_state, history, steps = -1.0, copy.deepcopy(net.state_dict()), [], 0
-    stopped = False
-    for epoch in range(1, max_epochs + 1):
-        te = time.perf_counter()
-        net.train()
-        losses = []
-        for batch in train_dl:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]),
-                           batch["label"])
-            loss.backward()
-            opt.step()
-            steps += 1
-            losses.append(float(loss))
-            if time.perf_counter() - t0 > max_seconds:
-                stopped = True
-                break
+
+    def batches():
+        while True:
+            yield from train_dl
+
+    def validate() -> float:
         net.eval()
         dices = []
         with torch.no_grad():
             for batch in val_dl:
-                pred = torch.sigmoid(net(batch["image"])) > 0.5
-                dices += _dice(pred, batch["label"] > 0.5)
-        val = float(np.mean(dices)) if dices else float("nan")
+                dices += _dice(torch.sigmoid(net(batch["image"])) > 0.5, batch["label"] > 0.5)
+        return float(np.mean(dices)) if dices else float("nan")
+
+    t0 = time.perf_counter()
+    best, best_state, history, steps = -1.0, None, [], 0
+    stream = batches()
+    for epoch in range(1, max_epochs + 1):
+        te = time.perf_counter()
+        net.train()
+        losses, stopped = [], False
+        for _ in range(per_epoch):
+            batch = next(stream)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(batch["image"]), batch["label"])
+            loss.backward()
+            opt.step()
+            steps += 1
+            losses.append(float(loss))
+            if time.perf_counter() - t0 > max_seconds:  # hard stop, as StopAfterSeconds after an iteration
+                stopped = True
+                break
+        if stopped and best_state is not None:
+            break
+        val = validate()
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val_dice": val,
                         "elapsed_s": time.perf_counter() - t0})
-        if val > best:
+        if val > best or best_state is None:
             best, best_state = val, copy.deepcopy(net.state_dict())
-        last = time.perf_counter() - te
-        if stopped or time.perf_counter() - t0 + last > max_seconds:
+        if stopped or time.perf_counter() - t0 + (time.perf_counter() - te) > max_seconds:
             break
     ckpt = work_dir / "model.pt"
     torch.save({"model": {f"net.{k}": v for k, v in best_state.items()}}, ckpt)
     return {"checkpoint": ckpt, "epochs": len(history), "steps": steps, "best_val_dice": best, "history": history,
-            "train_s": time.perf_counter() - t0, "setup_s": setup_s, "n_train": len(train_items)}
+            "train_s": time.perf_counter() - t0, "setup_s": setup_s, "n_train": len(train_items),
+            "epoch_length": per_epoch}

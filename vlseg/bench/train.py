@@ -132,8 +132,13 @@ def _drop_handlers_on(stream) -> None:
 
 
 def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_dir: Path, max_seconds: float,
-                 extra: Mapping[str, Any] | None = None, timeout: float | None = None, in_process: bool = False) -> TrainResult:
+                 extra: Mapping[str, Any] | None = None, timeout: float | None = None, in_process: bool = False,
+                 epoch_length: int | None = None) -> TrainResult:
     """Train in a copy of the bundle under ``work_dir``; returns where the checkpoint is and how it went.
+
+    ``epoch_length`` (iterations per ignite epoch; the bundle's ``epoch_length`` key, else ``train#trainer#epoch_length``)
+    makes validation and the best-checkpoint save happen every that many iterations, so a budget shorter than a
+    full pass over a large training set still leaves a checkpoint.
 
     ``in_process`` runs ``monai.bundle.run`` in this process instead of ``python -m monai.bundle run`` (same
     configs and overrides; saves the interpreter and import start-up, for quick runs).
@@ -166,6 +171,11 @@ def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_di
         overrides["output_dir"] = str(work_dir / "runs")
     if "train_encoders" in keys:
         overrides["train_encoders"] = True
+    if epoch_length:
+        if "epoch_length" in keys:
+            overrides["epoch_length"] = int(epoch_length)
+        elif isinstance(parser.config.get("train"), dict) and "trainer" in parser.config["train"]:
+            overrides["train#trainer#epoch_length"] = int(epoch_length)
     for k, v in (extra or {}).items():
         if k in keys or "#" in k:
             overrides[k] = v
@@ -186,8 +196,8 @@ def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_di
     if in_process:
         rc = _run_in_process(copy, variant, overrides, log)
     wall = time.perf_counter() - t0
-    ckpt = copy / "models" / "model.pt"
-    if not ckpt.is_file():
+    ckpt = next((copy / "models" / n for n in ("model.pt", "model_final.pt") if (copy / "models" / n).is_file()), None)
+    if ckpt is None:
         cands = sorted((copy / "models").glob("*.pt"), key=lambda p: p.stat().st_mtime)
         ckpt = cands[-1] if cands else None
     res = TrainResult(bundle_root.name, variant_label(variant), ckpt, wall, rc, log, cmd, overrides)

@@ -21,6 +21,7 @@ Bad requests raise ``fastapi.HTTPException`` with a 4xx status and a readable me
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -53,6 +54,7 @@ from lib.params import (
     resolve_prompts,
 )
 from vlseg.app_support.bundles import BundleError, checkpoint_identity, config_files, read_checkpoint_record
+from vlseg.app_support.checkpoints import checkpoint_mismatch
 from vlseg.data.transforms import ImageInputError, SelectPromptd
 from vlseg.text.prompts import PromptError
 from vlseg.uncertainty import uncertainty_scores
@@ -133,8 +135,6 @@ class TextBundleInferTask(BundleInferTask):
         if not self.valid:
             return
 
-        import json
-
         with open(os.path.join(path, "configs", "metadata.json")) as fp:
             outputs = list(json.load(fp)["network_data_format"]["outputs"])
         self.key_uncertainty = outputs[1] if len(outputs) > 1 else "uncertainty"
@@ -176,18 +176,12 @@ class TextBundleInferTask(BundleInferTask):
                 f"{self.bundle_path} --variant {self.variant or ''!r} --force")
         if self.network is None or not path or not path.endswith(".pt"):
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get(self.model_state_dict, state) if isinstance(state, dict) else state
-        expected = self.network.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-        if missing or unexpected or wrong:
+        why = checkpoint_mismatch(self.bundle_path, self.variant, network=self.network)
+        if why:
             raise BundleError(
-                f"models/model.pt does not fit the {self.variant or 'default'!r} variant's network "
-                f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors, "
-                f"e.g. {(missing + unexpected + wrong)[:3]}); retrain it: python -m vlseg.app_support.checkpoints "
-                f"--bundle {self.bundle_path} --variant {self.variant or ''!r} --force")
+                f"models/model.pt does not fit the {self.variant or 'default'!r} variant's network ({why}); "
+                f"retrain it: python -m vlseg.app_support.checkpoints --bundle {self.bundle_path} "
+                f"--variant {self.variant or ''!r} --force")
 
     def checkpoint(self) -> dict:
         ident = checkpoint_identity(self.get_path()) if self.get_path() else {"missing": True}
