@@ -84,6 +84,8 @@ def epochs_from_log(log: Path) -> int | None:
         return None
     found = [int(m) for m in re.findall(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete", text)]
     found += [int(m) for m in re.findall(r"Epoch: (\d+)/\d+, Iter", text)]  # StatsHandler iteration lines
+    found += [int(m) for m in re.findall(r"Epoch \[(\d+)/\d+\]", text)]  # ignite ProgressBar
+    found += [int(m) for m in re.findall(r"Epoch\[(\d+)\] Metrics -- train_", text)]  # trainer metrics
     return max(found) if found else None
 
 
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
         rows.append([m["name"], m["variant"], f"{s['dice']:.3f} ± {s['dice_std']:.3f}", f"{s['iou']:.3f} ± {s['iou_std']:.3f}",
                      f"{s['nsd']:.3f} ± {s['nsd_std']:.3f}", m.get("epochs"), m.get("train_wall_s"),
                      f"{m.get('eval_samples')} pass(es) at test"])
-    rep.table(["model", "variant", "Dice", "IoU", "NSD (2 px)", "epochs in budget", "process wall s", "note"], rows, digits=1)
+    rep.table(["model", "variant", "Dice", "IoU", "NSD (2 px)", "epochs (started) in budget", "process wall s", "note"], rows, digits=1)
     good = [m for m in full if "test" in m]
     if good:
         bar_plot(out / "accuracy.png", [m["name"] for m in good],

@@ -407,12 +407,21 @@ def test_unknown_model_and_image_are_404(server):
     assert r.status_code == 404
 
 
+LABELLED = (("train_0000", "small pale irregular lesion"), ("train_0003", "polyp"))
+
+
+def _save_labels(server, app_demo) -> None:
+    """Final labels with prompts for two images (the scoring and training tests need some)."""
+    demo = Path(app_demo).parent
+    for image_id, text in LABELLED:
+        label = sorted((demo / "labels" / "train").glob(f"{image_id}_obj*.png"))[0]
+        server["client"].save_label(image_id, str(label), tag="final", params={"text": f"  {text} "})
+
+
 def test_save_label_stores_prompt(server, app_demo):
     client = server["client"]
     demo = Path(app_demo).parent
-    for image_id, text in (("train_0000", "small pale irregular lesion"), ("train_0003", "polyp")):
-        label = sorted((demo / "labels" / "train").glob(f"{image_id}_obj*.png"))[0]
-        client.save_label(image_id, str(label), tag="final", params={"text": f"  {text} "})
+    _save_labels(server, app_demo)
     ds = client.datastore()
     assert ds["objects"]["train_0000"]["labels"]["final"]["info"]["text"] == "small pale irregular lesion"
     assert ds["objects"]["train_0003"]["labels"]["final"]["info"]["text"] == "polyp"
@@ -433,7 +442,8 @@ def _wait_task(server, kind: str, timeout: float = 240) -> dict:
     raise TimeoutError(f"{kind} task not finished after {timeout}s")
 
 
-def test_scoring_writes_scores_and_strategy_serves_the_most_uncertain(server):
+def test_scoring_writes_scores_and_strategy_serves_the_most_uncertain(server, app_demo):
+    _save_labels(server, app_demo)
     r = requests.post(f"{server['url']}/scoring/uncertainty", timeout=30)
     assert r.status_code == 200, r.text
     task = _wait_task(server, "scoring")
@@ -461,7 +471,8 @@ def test_scoring_writes_scores_and_strategy_serves_the_most_uncertain(server):
         assert server["client"].next_sample(strategy, {})["id"] in unlabelled
 
 
-def test_train_task_then_infer_uses_new_checkpoint(server):
+def test_train_task_then_infer_uses_new_checkpoint(server, app_demo):
+    _save_labels(server, app_demo)
     client = server["client"]
     _, before = client.infer("toy", "test_0000", {"text": "polyp"})
     client.train_start("toy", {"max_epochs": 1})
@@ -478,10 +489,12 @@ def test_train_task_then_infer_uses_new_checkpoint(server):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VLSEG_TEST_TORCHRUN", "") != "1",
                     reason="three more Python processes (~40-80 s on 2 cores); set VLSEG_TEST_TORCHRUN=1 to run")
-def test_multi_process_training_through_torchrun(server):
+def test_multi_process_training_through_torchrun(server, app_demo):
     """``num_processes`` 2: MONAI Label's torchrun path with the bundle's multi_gpu_train.json (gloo on CPU)."""
+    _save_labels(server, app_demo)
     client = server["client"]
-    before = _info(server)["train_stats"]["toy"]["checkpoint"]["sha256"]
+    _, before = client.infer("toy", "test_0000", {"text": "polyp"})
+    before = before["checkpoint"]["sha256"]
     client.train_start("toy", {"max_epochs": 1, "num_processes": 2})
     task = _wait_task(server, "train")
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
