@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     headers = ["model"]
     for b in args.batches:
         headers += [f"batch {b}: median (IQR) ms", f"b{b} img/s", f"b{b} GFLOP/s", f"b{b} % of matmul peak"]
-    headers += ["x MONAI UNet latency (b1)", "RSS model loaded MiB", "inference peak - loaded MiB"]
+    headers += ["x MONAI UNet latency (b1)", "RSS model loaded MiB"] + [f"b{b} peak RSS increment MiB" for b in args.batches]
     rows, skipped = [], []
     for r in ok:
         row = [r["label"]]
@@ -253,21 +253,20 @@ def main(argv=None) -> int:
         l1 = _lat(r, 1).get("median_s")
         row.append((l1 / ref_lat) if (l1 and ref_lat) else None)
         row.append(r.get("rss_model_mib"))
-        peak_inf = max([_lat(r, b).get("rss_peak_mib") or 0 for b in args.batches])
-        row.append((peak_inf - r["rss_model_mib"]) if peak_inf and r.get("rss_model_mib") else None)
+        row += [_lat(r, b).get("rss_increment_mib") for b in args.batches]
         rows.append(row)
     rep.table(headers, rows, digits=1)
     if skipped:
         rep.p("Skipped by the time guard:")
         rep.bullets(skipped)
-    if args.in_process:
-        rep.p("**Memory measured in-process** (`--in-process`/`--quick`): maxrss is the peak of the whole run so far, "
-              "so later models inherit earlier peaks; run without it for per-model numbers.")
-    else:
-        rep.p("RSS = peak resident set size (getrusage maxrss) of a process that builds only that model, so it includes "
-              "python, torch and the imported libraries; the increment column is the extra peak during inference "
-              "(activations and workspace) over the loaded model.")
-
+    resets = all(r.get("peak_reset") for r in ok)
+    rep.p("Memory: *RSS model loaded* = resident set size of the process once the model is built (python, torch and the "
+          "imported libraries included); *peak RSS increment* = the kernel's peak resident set size during that phase "
+          "minus the RSS before it (activations, workspace, outputs)"
+          + ("; the peak mark is reset before every phase (`/proc/self/clear_refs`)." if resets else
+             "; **the peak could not be reset on this system, so increments are lifetime peaks (upper bounds)**.")
+          + (" Measured in one process for all models (`--in-process`/`--quick`): the loaded-RSS column includes "
+             "earlier models' leftovers." if args.in_process else " One process per model."))
     stoch = [r for r in ok if r.get("stochastic_b1")]
     if stoch:
         rep.h3("Stochastic inference of the bundles (mean + uncertainty map, batch 1)")
@@ -281,8 +280,9 @@ def main(argv=None) -> int:
     for r in ok:
         t = r.get("train") or {}
         rows.append([r["label"], t.get("batch"), _ms(t) if t else "-", t.get("images_per_s"),
-                     t.get("rss_peak_mib"), t.get("skipped", "")])
-    rep.table(["model", "batch", "step median (IQR) ms", "images/s", "peak RSS MiB (whole process)", "note"], rows, digits=2)
+                     t.get("rss_increment_mib"), t.get("rss_peak_mib"), t.get("skipped", "")])
+    rep.table(["model", "batch", "step median (IQR) ms", "images/s", "peak RSS increment MiB", "peak RSS MiB", "note"],
+              rows, digits=2)
 
     if sampling:
         rep.h2("MedCLIPSeg uncertainty sampling: naive passes vs the fast path")

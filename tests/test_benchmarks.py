@@ -118,6 +118,7 @@ def _results(out: Path, part: str) -> dict:
     return json.loads((d / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_index_links_every_part(quick_reports):
     index = (quick_reports / "README.md").read_text()
     summary = json.loads((quick_reports / "summary.json").read_text())
@@ -127,6 +128,7 @@ def test_index_links_every_part(quick_reports):
         assert summary["parts"][part]["rc"] == 0
 
 
+@pytest.mark.slow
 def test_speed_quick_numbers_are_sane(quick_reports):
     res = _results(quick_reports, "speed")
     assert res["matmul_peak_gflops"] > 0
@@ -144,6 +146,7 @@ def test_speed_quick_numbers_are_sane(quick_reports):
         assert s.get("same_output") is True, s
 
 
+@pytest.mark.slow
 def test_accuracy_quick_trains_every_bundle_and_the_baseline(quick_reports):
     res = _results(quick_reports, "accuracy")
     full = {m["name"]: m for m in res["models"] if m["fraction"] == 100}
@@ -156,6 +159,7 @@ def test_accuracy_quick_trains_every_bundle_and_the_baseline(quick_reports):
     assert any(m["fraction"] < 100 for m in res["models"])  # data efficiency
 
 
+@pytest.mark.slow
 def test_prompts_quick_covers_levels_and_variants(quick_reports):
     res = _results(quick_reports, "prompts")
     assert {"p1", "p9", "original", "contradictory"} <= set(res["keys"])
@@ -166,6 +170,7 @@ def test_prompts_quick_covers_levels_and_variants(quick_reports):
     assert len({round(v, 9) for v in blind["dice"].values()}) == 1  # the text-blind baseline ignores the prompt
 
 
+@pytest.mark.slow
 def test_uncertainty_quick_metrics_in_range(quick_reports):
     res = _results(quick_reports, "uncertainty")
     assert set(_bundle_names()) == {lab.split(" ")[0] for lab in res["models"]}
@@ -175,6 +180,7 @@ def test_uncertainty_quick_metrics_in_range(quick_reports):
         assert r["n_pixels"] > 0
 
 
+@pytest.mark.slow
 def test_active_learning_quick_uses_the_app_strategy(quick_reports):
     res = _results(quick_reports, "active_learning")
     assert res["app_error"] is None, res["app_error"]
@@ -183,3 +189,18 @@ def test_active_learning_quick_uses_the_app_strategy(quick_reports):
     assert unc[0]["scored"] > 0  # the app's scoring ran on the unlabelled pool
     assert any(k.startswith("random") for k in res["curves"])
     assert res["full_data_dice"] is not None
+
+
+def test_subsets_and_item_keys(bench_demo):
+    from vlseg.bench.active import item_key
+    from vlseg.bench.data import resolve_data, subset_items
+
+    data = resolve_data(bench_demo)
+    train = data.items("training")
+    half = subset_items(data, "training", 50)
+    assert 0 < len(half) < len(train) and half == subset_items(data, "training", 50)  # seeded, by image
+    assert {it["image_id"] for it in half} < {it["image_id"] for it in train}
+    assert subset_items(data, "training", 100) == train
+    keys = [item_key(it, i) for i, it in enumerate(train)]
+    assert len(set(keys)) == len(keys) and all(k.replace("_", "").replace("-", "").isalnum() for k in keys)
+    assert {"p1", "p9", "original", "contradictory"} <= set(data.prompt_keys("test"))

@@ -7,8 +7,10 @@
 * forward latency per batch size: median and inter-quartile range over repeated timed passes after one warm-up
   pass, under ``torch.no_grad()`` in eval mode; a batch size whose warm-up pass shows that the minimum number of
   passes would exceed ``max_seconds`` is skipped, with the reason;
-* the peak resident memory of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after the model is
-  built and after each phase -- the only honest peak for torch's allocator, hence one process per model;
+* memory: the resident set size once the model is built, and the peak resident set size of each phase (Linux:
+  the kernel's high-water mark ``VmHWM``, reset before every phase through ``/proc/self/clear_refs``; elsewhere
+  ``getrusage`` maxrss, a lifetime peak). Allocator-level tools (tracemalloc) do not see torch's memory; the kernel
+  does. One process per model keeps models from sharing a peak;
 * training throughput: a few AdamW steps on random images with a BCE loss (after one warm-up step).
 
 The result is printed as one line ``RESULT {json}``.
@@ -27,13 +29,49 @@ from typing import Any
 
 import torch
 
-__all__ = ["matmul_gflops", "time_calls", "peak_rss_mib", "run_case", "main"]
+__all__ = ["matmul_gflops", "time_calls", "peak_rss_mib", "current_rss_mib", "reset_peak_rss", "run_case", "main"]
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size since the last :func:`reset_peak_rss` (else since the process started)."""
+    hwm = _status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 1024.0
+
+
+def current_rss_mib() -> float:
+    rss = _status_mib("VmRSS")
+    if rss is not None:
+        return rss
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover
+        return peak_rss_mib()
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5, dtype=torch.float32) -> dict[str, float]:
@@ -131,13 +169,14 @@ def run_case(spec: dict) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(0)
-    res: dict[str, Any] = {"spec": spec, "rss_start_mib": peak_rss_mib()}
+    res: dict[str, Any] = {"spec": spec, "rss_start_mib": current_rss_mib(), "peak_reset": reset_peak_rss()}
     t0 = time.perf_counter()
     net, tok, facts = _build(spec)
     res.update(facts)
     res["build_s"] = time.perf_counter() - t0
     res["params"] = count_parameters(net)
-    res["rss_model_mib"] = peak_rss_mib()
+    res["rss_model_mib"] = current_rss_mib()
+    res["rss_build_peak_mib"] = peak_rss_mib()
     # force_size (quick runs) > the model's own input size (bundle preprocessing, SAM's 1024) > image_size
     if spec.get("force_size"):
         size = (int(spec["force_size"]),) * 2
@@ -162,10 +201,13 @@ def run_case(spec: dict) -> dict[str, Any]:
     res["latency"] = {}
     for b in spec.get("batches", [1, 8]):
         img, ids, mask = inputs(b)
+        before = current_rss_mib()
+        reset_peak_rss()
         with torch.no_grad():
             r = time_calls(lambda: net(img, ids, mask), repeats=int(spec.get("repeats", 10)),
                            min_repeats=int(spec.get("min_repeats", 3)), max_seconds=max_s)
         r["rss_peak_mib"] = peak_rss_mib()
+        r["rss_increment_mib"] = r["rss_peak_mib"] - before
         res["latency"][str(b)] = r
         del img, ids, mask
     # the bundle's stochastic inference (num_samples passes, its own sampler or MC dropout), batch 1
@@ -179,8 +221,11 @@ def run_case(spec: dict) -> dict[str, Any]:
     # training throughput
     tb, steps = int(spec.get("train_batch", 8)), int(spec.get("train_steps", 3))
     if steps > 0:
+        before = current_rss_mib()
+        reset_peak_rss()
         res["train"] = _train_throughput(net, inputs, tb, steps, max_s)
         res["train"]["rss_peak_mib"] = peak_rss_mib()
+        res["train"]["rss_increment_mib"] = res["train"]["rss_peak_mib"] - before
     res["total_s"] = time.perf_counter() - t0
     return res
 

@@ -224,6 +224,10 @@ class SimpleViLMedSAM(nn.Module):
         * bottleneck: at the M2IB layer, keeping only the target tokens (others replaced by the bottleneck's
           noise, lambda = 0) must match the prompt better than keeping only the complement:
           ``softplus(10 (cos(t, z_complement) - cos(t, z_target)))``.
+        * attribution: at the M2IB layer, the gradient x input attribution of ``cos(t, image embedding)`` per token
+          (what M2IB's first Adam steps see: the sign of ``d cos / d lambda``) must be positive on the target and
+          negative elsewhere (class-balanced BCE on the attribution divided by its mean magnitude; double
+          back-propagation).
 
         Only the item's own prompt is used, so several prompts of one category in a batch do not act as false
         negatives. ``last_alignment_accuracy``: share of items whose most text-similar patch lies on the target.
@@ -254,7 +258,18 @@ class SimpleViLMedSAM(nn.Module):
         z = torch.cat([w_pos * tokens + (1 - w_pos) * eps, w_neg * tokens + (1 - w_neg) * eps])
         r = F.normalize(self.clip.embed_from(z, layer).float(), dim=-1)
         margin = F.softplus(10.0 * ((r[b:] * t).sum(-1) - (r[:b] * t).sum(-1)))
+        # attribution term (double backprop through the upper CLIP blocks)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        x = tokens if tokens.requires_grad else tokens.detach().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+            fit = (F.normalize(self.clip.embed_from(x, layer).float(), dim=-1) * t).sum()
+            (grad,) = torch.autograd.grad(fit, [x], create_graph=True)
+        attr = (grad * x).sum(dim=-1)[:, self.clip.num_prefix:].float()  # [B, g]
+        attr = attr / attr.abs().mean(dim=1, keepdim=True).clamp_min(1e-8)
+        abce = F.binary_cross_entropy_with_logits(attr, pos, reduction="none")
+        attribution = 0.5 * ((abce * pos).sum(dim=1) / n_pos + (abce * (1 - pos)).sum(dim=1) / n_neg)
         with torch.no_grad():
             best = cos.argmax(dim=1)
             self.last_alignment_accuracy = float((m[torch.arange(b), best] > 0)[valid].float().mean())
-        return (dense + margin)[valid].mean()
+        return (dense + margin + attribution)[valid].mean()

@@ -112,8 +112,8 @@ class TextBundleTrainTask(BundleTrainTask):
         super().__call__(request, datastore)
         ckpt = checkpoint_identity(os.path.join(self.bundle_path, "models", "model.pt"))
         if ckpt.get("missing") or ckpt.get("mtime") == ckpt_before.get("mtime"):
-            raise RuntimeError(f"{self.name}: training ended without writing a new models/model.pt "
-                               "(the bundle saves on validation: is max_epochs >= its validation interval?)")
+            raise RuntimeError(f"{self.name}: training ended without writing a new models/model.pt (the bundle saves "
+                               "on validation: is max_epochs >= its validation interval? see the training log above)")
         stats = {
             "model": self.name,
             "variant": self.variant,
@@ -156,8 +156,20 @@ class TextBundleTrainTask(BundleTrainTask):
             logger.warning("%s: too few samples for a validation split (%d for %d process(es)); validating on the "
                            "training samples", self.name, len(val), nproc)
             val = list(train)
+        batch = self._train_batch_size() * nproc
+        if len(train) < batch:  # a bundle loader with drop_last would otherwise yield no batch at all
+            logger.warning("%s: %d training samples < one batch (%d); repeating them to fill a batch", self.name,
+                           len(train), batch)
+            train = (train * (batch // len(train) + 1))[:batch]
         self._counts = (len(train), len(val))
         return train, val
+
+    def _train_batch_size(self) -> int:
+        try:
+            b = self.bundle_config.get_parsed_content("train#dataloader#batch_size", instantiate=False)
+            return max(1, int(b))
+        except Exception:  # not a plain number in this bundle: leave the list as it is
+            return 1
 
     def _update_overrides(self, overrides):
         """Replace the inline datalists by an expression reading them from a JSON file written here."""
