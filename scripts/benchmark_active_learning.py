@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             bm = load_bundle_model(bundle, variant, checkpoint=r.checkpoint)
             s = evaluate_items(bm, test_items, num_samples=args.eval_samples)["summary"]
             res = {"dice": s["dice"], "iou": s["iou"], "nsd": s["nsd"], "copy": str(r.checkpoint.parent.parent),
-                   "train_wall_s": r.wall_s}
+                   "checkpoint": str(r.checkpoint), "train_wall_s": r.wall_s}
         cache[sig] = res
         return res
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                     app_error = f"round {r_i} training failed: {res.get('error')}"
                     break
                 t = time.perf_counter()
-                sc = learner.score(Path(res["copy"]), variant)
+                sc = learner.score(Path(res["copy"]), variant, Path(res["checkpoint"]))
                 t_scoring += time.perf_counter() - t
                 chosen = learner.select(counts[r_i + 1] - len(labeled))
                 curve[-1]["scored"] = len(sc.get("scored", {}))

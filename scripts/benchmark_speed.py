@@ -256,6 +256,10 @@ def main(argv=None) -> int:
         row += [_lat(r, b).get("rss_increment_mib") for b in args.batches]
         rows.append(row)
     rep.table(headers, rows, digits=1)
+    for r in ok:
+        for what, d in (("training", r.get("train") or {}), ("stochastic inference", r.get("stochastic_b1") or {})):
+            if "skipped" in d:
+                skipped.append(f"{r['label']} {what}: {d['skipped']}")
     if skipped:
         rep.p("Skipped by the time guard:")
         rep.bullets(skipped)

@@ -106,8 +106,18 @@ class AppActiveLearner:
     def unlabeled(self) -> list[str]:
         return sorted(self.datastore.get_unlabeled_images())
 
-    def score(self, bundle_copy: Path, variant: str | None, model_name: str = "bench") -> dict:
-        """Run the app's scoring with the bundle at ``bundle_copy`` (its ``models/model.pt`` = this round's weights)."""
+    def score(self, bundle_copy: Path, variant: str | None, checkpoint: Path | None = None, model_name: str = "bench") -> dict:
+        """Run the app's scoring with the bundle at ``bundle_copy``; its ``models/model.pt`` (the app's checkpoint
+        location) is this round's weights (``checkpoint`` is copied there when it is another file)."""
+        target = Path(bundle_copy) / "models" / "model.pt"
+        if checkpoint is not None and Path(checkpoint).resolve() != target.resolve():
+            import torch
+
+            state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+            for k in ("state_dict", "model", "network"):
+                if isinstance(state, dict) and k in state and isinstance(state[k], dict):
+                    state = state[k]
+            torch.save({"model": state}, target)
         logging.getLogger("lib").setLevel(logging.WARNING)
         task = self.InferTask(str(bundle_copy), {}, variant=variant or "", datastore=self.datastore,
                               store_uncertainty=False)

@@ -199,7 +199,14 @@ def run_case(spec: dict) -> dict[str, Any]:
         res["flops_b1"] = None
         res["flops_error"] = f"{type(e).__name__}: {e}"
     res["latency"] = {}
+    per_image = None  # seconds per image of the first measured batch size: predicts the cost of the next ones
+    min_rep = int(spec.get("min_repeats", 3))
     for b in spec.get("batches", [1, 8]):
+        if max_s is not None and per_image is not None and per_image * b * (1 + min_rep) > max_s:
+            res["latency"][str(b)] = {"skipped": f"predicted {per_image * b:.1f} s per pass (from the smaller batch), so "
+                                                 f"{min_rep} timed passes + warm-up would exceed the {max_s:.0f} s guard "
+                                                 "(--max-seconds-per-case)"}
+            continue
         img, ids, mask = inputs(b)
         before = current_rss_mib()
         reset_peak_rss()
@@ -209,18 +216,27 @@ def run_case(spec: dict) -> dict[str, Any]:
         r["rss_peak_mib"] = peak_rss_mib()
         r["rss_increment_mib"] = r["rss_peak_mib"] - before
         res["latency"][str(b)] = r
+        if per_image is None:
+            per_image = (r.get("median_s") or r.get("warmup_s") or 0.0) / b
         del img, ids, mask
     # the bundle's stochastic inference (num_samples passes, its own sampler or MC dropout), batch 1
     ns = int(facts.get("num_samples") or 1)
-    if spec["kind"] == "bundle" and ns > 1 and spec.get("stochastic", True):
+    if spec["kind"] == "bundle" and ns > 1 and spec.get("stochastic", True) and max_s is not None and per_image \
+            and per_image * ns * 2 > max_s and not facts.get("has_fast_sampler"):
+        res["stochastic_b1"] = {"num_samples": ns, "skipped": f"predicted {per_image * ns:.1f} s per call ({ns} passes) "
+                                                             f"exceeds the {max_s:.0f} s guard"}
+    elif spec["kind"] == "bundle" and ns > 1 and spec.get("stochastic", True):
         with torch.no_grad():
             r = time_calls(lambda: sample_probabilities(net, img1, ids1, m1, num_samples=ns),
-                           repeats=max(3, int(spec.get("repeats", 10)) // 2), max_seconds=max_s)
+                           repeats=max(3, int(spec.get("repeats", 10)) // 2), min_repeats=1, max_seconds=max_s)
         r["num_samples"] = ns
         res["stochastic_b1"] = r
     # training throughput
     tb, steps = int(spec.get("train_batch", 8)), int(spec.get("train_steps", 3))
-    if steps > 0:
+    if steps > 0 and max_s is not None and per_image and 3.0 * per_image * tb * 2 > max_s:
+        res["train"] = {"batch": tb, "skipped": f"predicted {3.0 * per_image * tb:.1f} s per step (3x the forward pass) "
+                                                f"exceeds half the {max_s:.0f} s guard"}
+    elif steps > 0:
         before = current_rss_mib()
         reset_peak_rss()
         res["train"] = _train_throughput(net, inputs, tb, steps, max_s)

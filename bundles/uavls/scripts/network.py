@@ -115,7 +115,7 @@ class TextEncoder(nn.Module):
             with torch.no_grad():
                 states = self.encoder(ids[rows], mask[rows])
             for k, st in zip(missing, states):
-                self._cache[k] = st
+                self._cache[k] = st.clone()  # own storage: a cached row must not pin the whole batch
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         for k in keys:
