@@ -99,7 +99,7 @@ def test_train_cli_writes_checkpoints_curve_and_metrics(trained):
     report = json.loads((out / "train_metrics.json").read_text())
     assert report["epochs_completed"] == 1 and report["iterations"] > 0
     assert math.isfinite(report["history"]["train_loss"][0])
-    assert {"train_dice", "train_spectral", "train_entropy", "val_mean_dice"} <= set(report["history"])
+    assert {"train_dice_loss", "train_spectral", "train_entropy", "val_mean_dice"} <= set(report["history"])
     assert 0.0 <= report["history"]["val_mean_dice"][0] <= 1.0
 
 
@@ -457,7 +457,7 @@ def test_seu_loss_combines_terms_with_paper_weights(sm):
     expected = (sm.losses.dice_loss(p, target) + 0.3 * sm.losses.spectral_regularizer(p, target)
                 + 0.1 * sm.losses.entropy_regularizer(sm.losses.class_probabilities(p)))
     torch.testing.assert_close(loss, expected)
-    assert set(loss_fn.last_terms) == {"dice", "spectral", "entropy"}
+    assert set(loss_fn.last_terms) == {"dice_loss", "spectral", "entropy"}
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # a perfect, confident prediction scores (almost) zero

@@ -435,7 +435,7 @@ def test_network_sampler_and_uncertainty(scripts_mod):
         net(img, None)
 
 
-def test_alignment_loss_prefers_matching_region(scripts_mod):
+def test_alignment_loss_trains_clip_and_ignores_empty_masks(scripts_mod):
     torch.manual_seed(0)
     net = scripts_mod.SimpleViLMedSAM(**TINY, train_encoders=True, align=True).train()
     ids, mask = _tokens(["polyp", "cyst", "polyp"])
@@ -445,8 +445,22 @@ def test_alignment_loss_prefers_matching_region(scripts_mod):
     lab[1, :, 32:, 32:] = 1
     out = net(img, ids, mask, align_target=lab)  # item 2 has an empty mask: ignored
     assert set(out) == {"logits", "align_loss"} and torch.isfinite(out["align_loss"])
-    out["align_loss"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.clip.parameters())
+    # a few AdamW steps on the CLIP parameters alone lower the alignment loss of this batch
+    opt = torch.optim.AdamW([p for p in net.clip.parameters() if p.requires_grad], lr=1e-2)
+    pix = net.clip.preprocess(img)
+    ids_ctx = net._text_ids(ids, "cpu")
+    losses = []
+    for _ in range(6):
+        loss = net.alignment_loss(net.clip.tokens_at(pix, 0), net.clip.encode_text(ids_ctx), ids_ctx, lab)
+        opt.zero_grad()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.clip.parameters())
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert 0.0 <= net.last_alignment_accuracy <= 1.0
+    empty = net.alignment_loss(net.clip.tokens_at(pix, 0), net.clip.encode_text(ids_ctx), ids_ctx, torch.zeros_like(lab))
+    assert float(empty) == 0.0
 
 
 # --------------------------------------------------------------------------- loss terms

@@ -103,9 +103,13 @@ def _load_2d(path) -> np.ndarray:
 
 def run_server_round_trip(root=None, data_dir=None, out_dir=None, variant: str = "small", bundles_dir=None,
                           models=None, n_images: int = 8, train_epochs: int = 1, train_model: str | None = None,
-                          scoring_samples: int = 4, num_samples: int | None = None, port: int | None = None,
-                          timeout: float = 900.0) -> dict:
-    """Run the round trip (see module doc); returns the report (also written to ``out_dir/round_trip.json``)."""
+                          scoring_samples: int = 4, scoring_prompts: str = "default", num_samples: int | None = None,
+                          port: int | None = None, timeout: float = 900.0) -> dict:
+    """Run the round trip (see module doc); returns the report (also written to ``out_dir/round_trip.json``).
+
+    Scoring uses ``scoring_prompts="default"`` (one prompt per image) to keep the demo short; the app's own default
+    is ``labels`` (one map per label word, three times the work).
+    """
     from monailabel.client import MONAILabelClient
     from monailabel.client.client import MONAILabelUtils
 
@@ -125,7 +129,8 @@ def run_server_round_trip(root=None, data_dir=None, out_dir=None, variant: str =
     steps = report["steps"]
 
     items = make_studies(data_dir, out / "studies", n_images=n_images)
-    conf = {"variant": variant, "scoring_samples": scoring_samples, "train_epochs": train_epochs,
+    conf = {"variant": variant, "scoring_samples": scoring_samples, "scoring_prompts": scoring_prompts,
+            "train_epochs": train_epochs,
             "cache_dir": str(out / "app_cache")}
     if bundles_dir:
         conf["bundles_dir"] = str(bundles_dir)

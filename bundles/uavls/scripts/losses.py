@@ -81,6 +81,6 @@ class SEULoss(nn.Module):
         dice = dice_loss(prob, target, self.eps)
         spectral = spectral_regularizer(prob, target)
         entropy = entropy_regularizer(class_probabilities(prob) if self.two_class_entropy else prob, self.delta)
-        self.last_terms = {"dice": float(dice.detach()), "spectral": float(spectral.detach()),
+        self.last_terms = {"dice_loss": float(dice.detach()), "spectral": float(spectral.detach()),
                            "entropy": float(entropy.detach())}
         return dice + self.lambda_f * spectral + self.lambda_e * entropy

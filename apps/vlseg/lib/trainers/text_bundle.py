@@ -34,6 +34,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from lib.params import RequestError, check_config_values, check_device, check_model_filename, parse_float, parse_int
 from lib.trainset import build_text_datalist
 from vlseg.app_support.bundles import checkpoint_identity, config_files
+from vlseg.data.demo import PROMPT_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,10 @@ class TextBundleTrainTask(BundleTrainTask):
                                "client.save_label(image_id, mask, params={'text': 'polyp'})")
         logger.info("%s: %d training samples from %d labelled images", self.name, len(items),
                     len({i['image_id'] for i in items}))
-        return [{"image": i["image"], "label": i["label"], "text": i["text"]} for i in items]
+        # bundles that pick a named prompt variant (prompt_key / random prompt keys of the demo set) find the
+        # saved prompt under every name
+        return [{"image": i["image"], "label": i["label"], "text": i["text"],
+                 "prompts": {k: i["text"] for k in PROMPT_KEYS}} for i in items]
 
     def _partition_datalist(self, datalist, request, shuffle=False):
         val_split = request.get("val_split", 0.2)
@@ -181,6 +185,11 @@ class TextBundleTrainTask(BundleTrainTask):
         overrides[train_key] = f"$__import__('json').load(open({path!r}))['training']"
         if val_key in overrides:
             overrides[val_key] = f"$__import__('json').load(open({path!r}))['validation']"
+        top = self.bundle_config.config
+        if "datalist" in top:  # items other config entries derive from @datalist (sizes, reports) match too
+            overrides["datalist"] = path
+        if "prompt_key" in top:  # the saved prompt itself (the item's "text"), not a named variant
+            overrides["prompt_key"] = None
         return overrides
 
     # ------------------------------------------------------------------ running
