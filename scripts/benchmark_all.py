@@ -101,8 +101,11 @@ def headline(name: str, res: dict) -> str:
             return ", ".join(f"{lab}: ECE {r['ece']:.3f}, AUROC {r['auroc_error']:.3f}" for lab, r in res.get("models", {}).items())
         if name == "active_learning":
             u, r = res.get("fraction_needed_uncertainty"), res.get("fraction_needed_random")
-            return (f"95 % of full-data Dice ({fmt(res.get('target_dice'))}) reached at "
-                    f"{fmt(u) if u is not None else 'n/r'} % labelled (uncertainty) vs {fmt(r) if r is not None else 'n/r'} % (random)")
+            def pct(v):
+                return f"{v:.1f} %" if v is not None else "not reached"
+
+            return (f"95 % of full-data Dice ({fmt(res.get('target_dice'))}) reached at {pct(u)} labelled "
+                    f"(uncertainty) vs {pct(r)} (random)")
     except Exception as e:  # noqa: BLE001
         return f"(no headline: {e})"
     return ""

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             ev = evaluate_items(bm, test_items, prompt_key=k, num_samples=args.samples)["summary"]
             for m in ("dice", "iou", "nsd", "dice_std"):
                 results[label][m][k] = ev[m]
-        log(f"  Dice per key: " + ", ".join(f"{k} {results[label]['dice'][k]:.3f}" for k in keys))
+        log("  Dice per key: " + ", ".join(f"{k} {results[label]['dice'][k]:.3f}" for k in keys))
 
     example = {k: (test_items[0].get("prompts") or {}).get(k, "") for k in keys} if test_items else {}
     rep.results.update(models=results, keys=keys, example_prompts=example, skipped=skipped,

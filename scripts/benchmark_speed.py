@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vlseg.bench.bundles import find_bundles, variant_label
 from vlseg.bench.cli import base_parser, command_line, log, out_dir
-from vlseg.bench.report import Report, bar_plot, fmt, machine_info
+from vlseg.bench.report import Report, bar_plot
 from vlseg.bench.speed import matmul_gflops
 
 DEFAULT_PEERS = ["clipseg", "monai_unet", "monai_basicunet", "monai_swinunetr", "sam_vit_b_encoder_224", "sam_vit_b_encoder"]
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = out_dir(args)
     rep = Report(out, "Speed and cost on CPU", command_line())
-    info = rep.machine()
+    rep.machine()
     log("measuring the matmul peak")
     mm_n = 1024 if args.quick else 2048
     peak_start = matmul_gflops(mm_n, repeats=3 if args.quick else 7)
@@ -188,6 +188,7 @@ def main(argv=None) -> int:
         r = run_case_inprocess(spec) if args.in_process else run_case_subprocess(spec, args.case_timeout)
         r["label"], r["group"] = c["label"], c["group"]
         results.append(r)
+        (out / "partial_results.json").write_text(json.dumps({"matmul_start": peak_start, "cases": results}, default=str))
         log(f"  done in {r.get('process_s', 0):.0f} s" + (f": ERROR {r['error'][:200]}" if "error" in r else ""))
     peak_end = matmul_gflops(mm_n, repeats=3 if args.quick else 7)
     peak = max(peak_start["best_gflops"], peak_end["best_gflops"])
@@ -318,6 +319,7 @@ def main(argv=None) -> int:
                  "images / s", "Training throughput (AdamW steps)", log=True)
         rep.image(out / "training_throughput.png", "Training throughput")
     path = rep.write()
+    (out / "partial_results.json").unlink(missing_ok=True)
     log(f"report: {path}")
     return 0
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlseg.bench.calibration import CalibrationAccumulator, auroc, boundary_band
+from vlseg.bench.calibration import CalibrationAccumulator, auroc, region_means
 from vlseg.bench.cli import base_parser, command_line, log, out_dir
 from vlseg.bench.data import resolve_data
 from vlseg.bench.evaluate import predict_items
@@ -58,8 +58,6 @@ def spearman(x, y) -> float:
 
 
 def measure(bm, items, samples, bins, width) -> dict:
-    from scipy import ndimage
-
     top = CalibrationAccumulator(bins, "top_label")
     pos = CalibrationAccumulator(bins, "positive")
     unc_all, err_all = [], []
@@ -72,11 +70,11 @@ def measure(bm, items, samples, bins, width) -> dict:
         err = p.mask != lab
         unc_all.append(p.uncertainty.astype(np.float32).ravel())
         err_all.append(err.ravel())
-        interior = ndimage.binary_erosion(lab, iterations=width, border_value=0)
-        regions = {"boundary": lab ^ interior, "interior": interior, "background": ~lab}
-        for k, r in regions.items():
-            sums[k][0] += float(p.uncertainty[r].sum())
-            sums[k][1] += int(r.sum())
+        reg = region_means(p.uncertainty, lab, width)  # boundary = label XOR eroded label; interior; background
+        for k in sums:
+            if reg[f"n_{k}"]:
+                sums[k][0] += reg[k] * reg[f"n_{k}"]
+                sums[k][1] += reg[f"n_{k}"]
         d = segmentation_metrics(p.mask, lab)["dice"]
         dices.append(d)
         img_unc.append(float(p.uncertainty.mean()))

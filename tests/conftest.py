@@ -32,5 +32,5 @@ def tiny_demo(tmp_path_factory) -> Path:
     from vlseg.data.demo import generate_demo_dataset
 
     root = tmp_path_factory.mktemp("tiny_demo")
-    generate_demo_dataset(root, seed=0, n_images=(6, 2, 2), image_size=64, n_volumes=1, volume_shape=(64, 64, 4))
+    generate_demo_dataset(root, seed=0, n_images=(6, 2, 2), image_size=64, n_volumes=1, volume_shape=(48, 48, 8))
     return root / "datalist.json"

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("speed", "accuracy", "prompts", "uncertainty", "active_learning")

@@ -218,7 +218,6 @@ def run_case(spec: dict) -> dict[str, Any]:
         res["latency"][str(b)] = r
         if per_image is None:
             per_image = (r.get("median_s") or r.get("warmup_s") or 0.0) / b
-        del img, ids, mask
     # the bundle's stochastic inference (num_samples passes, its own sampler or MC dropout), batch 1
     ns = int(facts.get("num_samples") or 1)
     if spec["kind"] == "bundle" and ns > 1 and spec.get("stochastic", True) and max_s is not None and per_image \
