@@ -216,7 +216,8 @@ def main(argv=None) -> int:
           f"{args.max_seconds_per_case:.0f} s per measurement, training {args.train_steps} AdamW steps at batch "
           f"{args.train_batch}" + (f", every input forced to {args.image_size}x{args.image_size}" if args.image_size else
                                    ", inputs at each model's own size (bundles: their preprocessing; SAM: 1024)") + ". "
-          "Random weights; encoders trainable where a bundle would train them without pretrained weights.")
+          "Random weights; trainable parameters (and what the training steps update) as each config sets them, i.e. "
+          "the paper's frozen encoders stay frozen unless the variant's `train_encoders` says otherwise.")
     ok = [r for r in results if "error" not in r]
     ref = next((r for r in ok if r["label"] == "monai_unet"), None)
     ref_lat = _lat(ref, 1).get("median_s") if ref else None
