@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ def main(argv=None) -> int:
     exit_on_sigterm()  # a killed run still stops its training / server processes
     t0 = time.time()
     datalist = Path(ensure_demo_dataset(args.data)) if args.data else Path(ensure_demo_dataset())
-    print(f"[round-trip] demo data: {datalist.parent}")
+    ceiling = json.loads(datalist.read_text())["text_blind_ceiling"]
+    print(f"[round-trip] demo data: {datalist.parent}; text-blind Dice ceiling on its test split: {ceiling['max']:.3f} "
+          f"(union of the objects {ceiling['union']:.3f}, one object at random {ceiling['random_object']:.3f})")
     if not args.skip_checkpoints:
         ensure_bundle_checkpoints(args.bundles_dir, args.variant, max_seconds=args.train_seconds, datalist=datalist,
                                   log_dir=Path(args.out) / "logs", models=args.models or None)
