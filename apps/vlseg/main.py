@@ -13,6 +13,10 @@ Configuration (``--conf key value``):
 ``default_prompt``            prompt used when a request has none (default: the bundle's ``text``, else the
                               first label word)
 ``max_samples``               largest ``num_samples`` a request may ask for (default 64)
+``max_image_pixels``          largest 2D image (width x height, read from the header before decoding) a
+                              request may send (default 25000000; larger: 413)
+``max_volume_voxels``         largest NIfTI volume in voxels (default 256000000; larger: 413)
+``max_slices``                most slices of a volume segmented in one request (default 1024; more: 413)
 ``volume_axis``               axis along which NIfTI volumes are cut into 2D slices (default 2)
 ``uncertainty_tag``           datastore label tag of stored uncertainty maps (default ``uncertainty``)
 ``store_uncertainty``         store each uncertainty map in the datastore (default true)
@@ -50,6 +54,7 @@ from monailabel.utils.others.generic import strtobool
 
 from lib.activelearning.uncertainty import MostUncertain
 from lib.datastore import PromptCheckingDatastore
+from lib.errors import install_request_error_handlers
 from lib.infers.text_bundle import TextBundleInferTask
 from lib.params import parse_label_names
 from lib.scoring.uncertainty import UncertaintyScoring
@@ -60,6 +65,20 @@ logger = logging.getLogger(__name__)
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BUNDLES_DIR = os.path.normpath(os.path.join(APP_DIR, "..", "..", "bundles"))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` (symlinks resolved) lies inside ``folder`` (symlinks resolved)."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
+
+
+def _is_upload(path: str) -> bool:
+    """A file MONAI Label's ``/infer`` endpoint wrote for an upload: ``<tempdir>/tmpXXXXXXXX<suffix>``."""
+    import tempfile
+
+    return (os.path.isabs(path) and os.path.dirname(path) == tempfile.gettempdir()
+            and os.path.basename(path).startswith("tmp") and os.path.isfile(path))
 
 
 class MyApp(MONAILabelApp):
@@ -78,6 +97,7 @@ class MyApp(MONAILabelApp):
             logger.error("vlseg: %s", e)
             self.bundles = {}
         logger.info("vlseg: bundles in %s: %s (variant %r)", self.bundles_dir, list(self.bundles), self.variant)
+        install_request_error_handlers()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -119,6 +139,9 @@ class MyApp(MONAILabelApp):
                     label_names=self.label_names,
                     default_prompt=self.conf.get("default_prompt") or None,
                     max_samples=int(self.conf.get("max_samples", 64)),
+                    max_image_pixels=int(self.conf.get("max_image_pixels", 25_000_000)),
+                    max_volume_voxels=int(self.conf.get("max_volume_voxels", 256_000_000)),
+                    max_slices=int(self.conf.get("max_slices", 1024)),
                     volume_axis=int(self.conf.get("volume_axis", 2)),
                     datastore=self.datastore(),
                     uncertainty_tag=self.uncertainty_tag,
@@ -198,10 +221,17 @@ class MyApp(MONAILabelApp):
         request = dict(request)
         request.pop("vlseg_image_id", None)
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
+        if isinstance(image, str) and image and not _is_upload(image):
+            # an image id of the datastore; never a path of the server's file system (absolute, ../, symlinks
+            # leading out of the studies folder)
             ds = datastore if datastore else self.datastore()
-            if not ds.get_image_uri(image):
+            uri = ds.get_image_uri(image) if not os.path.isabs(image) and ".." not in image.split("/") else ""
+            if not uri:
                 raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+            if not self.studies.startswith("http") and os.path.exists(uri) and not _inside(uri, self.studies):
+                logger.warning("vlseg: image %r resolves outside the studies folder (%s); refused", image, uri)
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore "
+                                                            "(it resolves outside the studies folder)")
             request["vlseg_image_id"] = image
         return super().infer(request, datastore)
 

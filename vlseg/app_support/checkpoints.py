@@ -42,6 +42,23 @@ __all__ = ["ensure_checkpoint", "write_initial_checkpoint", "build_network", "ch
 logger = logging.getLogger(__name__)
 
 
+
+def save_atomic(obj, path) -> Path:
+    """``torch.save`` to a temporary file next to ``path``, then ``os.replace``: a process killed while writing
+    leaves the previous ``path`` (or none) in place, never a truncated one. Same mechanism as the bundles'
+    ``CheckpointSaver`` (ignite ``DiskSaver(atomic=True)``)."""
+    import torch
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
 def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epochs: int | None = None,
                   overrides: dict | None = None, max_seconds: float | None = None) -> list[str]:
     """The ``monai.bundle run`` command line training ``bundle_dir`` with its ``variant`` override file."""
@@ -146,12 +163,12 @@ def _weights_from_final_state(bundle_dir: Path, since: float, ckpt: Path) -> str
         except Exception:  # not a plain tensor checkpoint
             continue
         if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-            torch.save(state, ckpt)  # a bare state dict (CheckpointSaver with one object)
+            save_atomic(state, ckpt)  # a bare state dict (CheckpointSaver with one object)
             return p.name
         for key in ("model", "network", "state_dict"):
             sd = state.get(key) if isinstance(state, dict) else None
             if isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values()):
-                torch.save(sd, ckpt)
+                save_atomic(sd, ckpt)
                 return p.name
     return None
 
@@ -280,7 +297,7 @@ def write_initial_checkpoint(bundle_dir, variant: str | None = None, seed: int =
     ckpt = checkpoint_path(bundle_dir)
     net = build_network(bundle_dir, variant, seed=seed)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), ckpt)
+    save_atomic(net.state_dict(), ckpt)
     (ckpt.parent / CHECKPOINT_RECORD).write_text(json.dumps({
         "variant": variant or "", "made_by": "vlseg.app_support.checkpoints.write_initial_checkpoint",
         "source": f"random initialisation (seed {seed}); for tests only", "sha256": file_sha256(ckpt),

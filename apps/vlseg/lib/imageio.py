@@ -21,6 +21,8 @@ __all__ = [
     "VOLUME_EXT",
     "image_kind",
     "read_image_2d_shape",
+    "ImageFileError",
+    "check_image_2d",
     "load_volume",
     "window_to_uint8",
     "write_slice_png",
@@ -56,12 +58,57 @@ def read_image_2d_shape(path: str) -> tuple[int, int]:
     return h, w
 
 
-def load_volume(path: str):
-    """``(nibabel image, float32 array)``; a trailing singleton 4th axis is dropped, other 4D volumes refused."""
+class ImageFileError(ValueError):
+    """An input file that cannot be used; ``status`` is the HTTP status to answer with (413 or 422)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = int(status)
+
+
+def check_image_2d(path: str, max_pixels: int) -> tuple[int, int]:
+    """(rows, cols) of a 2D image after checking it fully decodes and has at most ``max_pixels`` pixels.
+
+    The size is read from the header first, so a small file claiming a huge image (a decompression bomb) is
+    refused before any pixel is decoded; then the pixels are decoded once so that a truncated or corrupt file is
+    refused here with a message rather than deep inside the bundle's transforms.
+    """
+    name = os.path.basename(str(path))
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageFileError(f"image {name} is {w}x{h} pixels; at most {max_pixels} pixels are accepted "
+                                     f"(--conf max_image_pixels)", status=413)
+            im.load()
+    except ImageFileError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageFileError(f"image {name} is too large to decode: {e} (--conf max_image_pixels)", status=413) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageFileError(f"cannot read the image {name}: {type(e).__name__}: {e}") from None
+    return h, w
+
+
+def load_volume(path: str, max_voxels: int | None = None):
+    """``(nibabel image, float32 array)``; a trailing singleton 4th axis is dropped, other 4D volumes refused.
+
+    Unreadable files raise :class:`ImageFileError`; so does a header with more than ``max_voxels`` voxels (413,
+    checked before the data is read).
+    """
     import nibabel as nib
 
-    img = nib.load(str(path))
-    arr = np.asarray(img.dataobj, dtype=np.float32)
+    try:
+        img = nib.load(str(path))
+        n = int(np.prod(img.shape, dtype=np.int64))
+        if max_voxels is not None and n > max_voxels:
+            raise ImageFileError(f"the volume has shape {tuple(img.shape)} ({n} voxels); at most {max_voxels} "
+                                 f"voxels are accepted (--conf max_volume_voxels)", status=413)
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+    except ImageFileError:
+        raise
+    except Exception as e:  # nibabel / gzip / numpy errors of a corrupt or truncated file
+        raise ImageFileError(f"cannot read the volume {os.path.basename(str(path))}: {type(e).__name__}: {e}") from None
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:

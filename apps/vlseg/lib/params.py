@@ -163,7 +163,7 @@ def parse_int(request: dict, key: str, default: int | None, lo: int | None = Non
     if ok:
         try:
             value = int(str(value).strip()) if isinstance(value, str) else int(value)
-        except ValueError:
+        except (TypeError, ValueError):
             ok = False
     if not ok:
         raise RequestError(f"{key} must be an integer, got {request.get(key)!r}")

@@ -117,6 +117,9 @@ class TextBundleInferTask(BundleInferTask):
         label_names: dict[str, int] | None = None,
         default_prompt: str | None = None,
         max_samples: int = 64,
+        max_image_pixels: int = 25_000_000,
+        max_volume_voxels: int = 256_000_000,
+        max_slices: int = 1024,
         volume_axis: int = 2,
         datastore=None,
         uncertainty_tag: str = "uncertainty",
@@ -126,6 +129,9 @@ class TextBundleInferTask(BundleInferTask):
         self.variant = variant or ""
         self.label_names = dict(label_names or {})
         self.max_samples = int(max_samples)
+        self.max_image_pixels = int(max_image_pixels)
+        self.max_volume_voxels = int(max_volume_voxels)
+        self.max_slices = int(max_slices)
         self.volume_axis = int(volume_axis)
         self.datastore = datastore
         self.uncertainty_tag = uncertainty_tag
@@ -299,9 +305,9 @@ class TextBundleInferTask(BundleInferTask):
         per_prompt = []
         if kind == "2d":
             try:
-                shape_hw = imageio.read_image_2d_shape(image_path)
-            except OSError as e:
-                raise RequestError(f"cannot read the image: {e}") from None
+                shape_hw = imageio.check_image_2d(image_path, self.max_image_pixels)
+            except imageio.ImageFileError as e:
+                raise RequestError(str(e), status=e.status) from None
             mask = np.zeros(shape_hw, np.uint8)
             unc = np.zeros(shape_hw, np.float32)
             for p in prompts:
@@ -313,9 +319,14 @@ class TextBundleInferTask(BundleInferTask):
         if kind == "volume":
             axis = self.volume_axis if axis is None else int(axis)
             try:
-                ref, vol = imageio.load_volume(image_path)
+                ref, vol = imageio.load_volume(image_path, max_voxels=self.max_volume_voxels)
+            except imageio.ImageFileError as e:
+                raise RequestError(str(e), status=e.status) from None
             except (OSError, ValueError) as e:
                 raise RequestError(f"cannot use the volume: {e}") from None
+            if vol.shape[axis] > self.max_slices:
+                raise RequestError(f"the volume has {vol.shape[axis]} slices along axis {axis}; at most "
+                                   f"{self.max_slices} are segmented per request (--conf max_slices)", status=413)
             vol8 = imageio.window_to_uint8(vol)
             mask = np.zeros(vol.shape, np.uint8)
             unc = np.zeros(vol.shape, np.float32)
