@@ -110,7 +110,10 @@ def test_train_cli_writes_checkpoints_and_reports(trained):
     assert report["epochs_completed"] == 1 and report["iterations"] > 0
     assert math.isfinite(report["history"]["train_loss"][0])
     assert report["parameters"]["mode"]["sam_encoder_trainable"] is True  # tiny: no weights -> "auto" trains them
-    assert "align" in report["loss_terms"]
+    # tiny: the CLIP alignment stage ran its 3 iterations, then froze the CLIP for the main training
+    stage = report["parameters"]["mode"]["clip_alignment_stage"]
+    assert stage["iterations"] == 3 and report["parameters"]["mode"]["clip_trainable"] is False
+    assert set(report["loss_terms"]) == {"dice", "bce"}
 
 
 def test_evaluate_in_process(trained, demo, tmp_path, scripts_mod):

@@ -120,7 +120,8 @@ def _raw_params(server, raw: bytes):
 
 def _save_label(server, image: str, label: bytes, tag: str = "final", params: dict | None = None):
     return requests.put(f"{server['url']}/datastore/label", params={"image": image, "tag": tag},
-                        files={"label": ("label.png", label), "params": (None, json.dumps(params or {"text": "polyp"}))},
+                        files={"label": ("label.png", label),
+                               "params": (None, json.dumps(params or {"text": "polyp"}))},
                         timeout=60)
 
 
@@ -148,7 +149,8 @@ CASES = {
     "prompt_10000_chars": (lambda s: _by_id(s, "img_0", {"text": "x" * 10000}), 422, "10000 characters"),
     "prompt_control_chars": (lambda s: _by_id(s, "img_0", {"text": "po\x07lyp"}), 422, "control"),
     "prompt_nul": (lambda s: _by_id(s, "img_0", {"text": "polyp\x00"}), 422, "control"),
-    "prompt_config_code": (lambda s: _by_id(s, "img_0", {"text": "$__import__('os').system('x')"}), 422, "may not start"),
+    "prompt_config_code": (lambda s: _by_id(s, "img_0", {"text": "$__import__('os').system('x')"}), 422,
+                           "may not start"),
     "prompt_not_string": (lambda s: _by_id(s, "img_0", {"text": ["polyp"]}), 422, "prompt"),
     "prompt_lone_surrogate": (lambda s: _raw_params(s, b'{"text": "\\udcff polyp"}'), 422, "non-printable"),
     "params_not_json": (lambda s: _raw_params(s, b"{nope"), 422, "params"),

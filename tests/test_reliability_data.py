@@ -94,12 +94,12 @@ WRITER = textwrap.dedent("""
 
 
 def test_datastore_json_survives_a_killed_scoring_writer(studies):
-    """A process updating image infos (as scoring does) is SIGKILLed at random moments, five times; the datastore
+    """A process updating image infos (as scoring does) is SIGKILLed at random moments, three times; the datastore
     JSON stays valid every time and a restarted writer carries on."""
     _datastore(studies)  # create the JSON
     code = WRITER.format(app=str(APP), studies=str(studies), n_images=N_IMAGES)
     rng = np.random.default_rng(0)
-    for _ in range(5):
+    for _ in range(3):  # unpatched MONAI Label (in-place JSON rewrite) leaves an empty or cut JSON here
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         try:
             assert proc.stdout.readline().strip() == "ready"
@@ -132,7 +132,7 @@ def test_checkpoint_write_killed_midway_leaves_a_complete_file(tmp_path):
     path.parent.mkdir()
     code = CKPT_WRITER.format(path=str(path))
     rng = np.random.default_rng(1)
-    for _ in range(3):
+    for _ in range(2):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
         try:
             assert proc.stdout.readline().strip() == "ready"

@@ -291,8 +291,6 @@ def checkpoint_mismatch(bundle_dir, variant: str | None = None, network=None) ->
 def write_initial_checkpoint(bundle_dir, variant: str | None = None, seed: int = 0) -> Path:
     """Save the untrained network of ``configs/inference.json`` + variant as ``models/model.pt`` (tests only:
     serving needs weights that fit the network, not good ones). Recorded as ``random initialisation``."""
-    import torch
-
     bundle_dir = Path(bundle_dir).resolve()
     ckpt = checkpoint_path(bundle_dir)
     net = build_network(bundle_dir, variant, seed=seed)

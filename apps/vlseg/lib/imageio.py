@@ -84,7 +84,8 @@ def check_image_2d(path: str, max_pixels: int) -> tuple[int, int]:
     except ImageFileError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageFileError(f"image {name} is too large to decode: {e} (--conf max_image_pixels)", status=413) from None
+        raise ImageFileError(f"image {name} is too large to decode: {e} (--conf max_image_pixels)",
+                             status=413) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageFileError(f"cannot read the image {name}: {type(e).__name__}: {e}") from None
     return h, w
