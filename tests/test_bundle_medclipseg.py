@@ -306,6 +306,34 @@ def test_hf_bert_tower_lockstep(mcs, tmp_path):
     assert torch.allclose(d, e, atol=1e-6)
 
 
+def test_pretrained_minilm_text_tower_stays_frozen(mcs):
+    """The small variant's layout: a REAL pretrained BERT-style text tower (all-MiniLM-L6-v2, shipped offline by
+    vlseg) next to a random image tower. Loaded text weights stay frozen even with train_encoders; the random parts
+    (image tower, the CLIP projection of the text tower) train."""
+    from transformers import AutoModel
+
+    from vlseg.text.tokenizers import minilm_dir
+
+    clip = {"embed_dim": 32, "vision_cfg": TINY_CLIP["vision_cfg"],
+            "text_cfg": {"hf_model_name": "minilm", "hf_model_pretrained": True, "hf_num_layers": 2,
+                         "hf_proj_type": "mlp", "hf_pooler_type": "mean_pooler", "context_length": 16}}
+    net = mcs.network.MedCLIPSeg(clip_cfg=clip, adapter_layers=[1], adapter_dim=16, train_encoders=True)
+    assert net.text_pretrained and not net.text_trainable and net.vision_trainable
+    assert len(net.clip.text.transformer.encoder.layer) == 2
+    ref = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True)
+    assert torch.equal(net.clip.text.transformer.encoder.layer[1].output.dense.weight,
+                       ref.encoder.layer[1].output.dense.weight)
+    assert not any(p.requires_grad for p in net.clip.text.transformer.parameters())
+    assert all(p.requires_grad for p in net.clip.text.proj.parameters())
+    assert all(p.requires_grad for p in net.clip.visual.parameters())
+    from vlseg.text import build_tokenizer
+
+    ids, mask = build_tokenizer("minilm", 16)(["small polyp", "dark cyst"])
+    out = net.train()(torch.randn(2, 3, 32, 32), ids, mask)
+    mcs.losses.MedCLIPSegLoss()(out, torch.zeros(2, 1, 32, 32)).backward()
+    assert all(p.grad is None for p in net.clip.text.transformer.parameters())
+
+
 # ------------------------------------------------------------------------------------------------ freezing
 
 
@@ -450,7 +478,8 @@ def test_train_cli(trained):
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(full)
     rep = json.loads((trained / "train_metrics.json").read_text())
     assert rep["epochs_completed"] == 1 and len(rep["history"]["train_loss"]) == 1
-    assert rep["encoders"] == {"pretrained": False, "trainable": True}
+    assert rep["encoders"]["pretrained"] is False and rep["encoders"]["trainable"] is True
+    assert rep["encoders"]["image"]["trainable"] and rep["encoders"]["text"]["trainable"]
     assert (trained / "learning_curve.png").stat().st_size > 1000
 
 

@@ -130,7 +130,9 @@ class TrainingReport:
         net = self.network.module if hasattr(self.network, "module") else self.network
         if net is not None and hasattr(net, "adapter_parameters"):
             report["parameters"] = net.adapter_parameters()
-            report["encoders"] = {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.encoders_trainable)}
+            report["encoders"] = {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.encoders_trainable),
+                                  "image": {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.vision_trainable)},
+                                  "text": {"pretrained": bool(net.text_pretrained), "trainable": bool(net.text_trainable)}}
         (self.output_dir / "train_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         logger.info("wrote %s", self.output_dir / "train_metrics.json")
 

