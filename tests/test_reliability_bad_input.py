@@ -3,8 +3,9 @@ never a 500, and the server keeps answering.
 
 One server is started for the module with only the toy bundle (``tests/data/toy_bundle``, ``tiny`` variant,
 random-init checkpoint: serving needs weights that fit, not good ones), on a free 127.0.0.1 port, no trainers.
-Small limits (``max_slices``) are passed as ``--conf`` so the limit cases stay fast. The server is stopped by its
-own process id, children first.
+Small limits (``max_slices``, ``max_upload_bytes``) are passed as ``--conf`` so the limit cases stay fast. The
+server gets its own temporary folder (``TMPDIR``), where MONAI Label writes uploads, so the tests can check that
+nothing is left there. The server is stopped by its own process id, children first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -32,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "vlseg"
 TOY = REPO / "tests" / "data" / "toy_bundle"
 MAX_SLICES = 64
+MAX_UPLOAD = 256 * 1024  # --conf max_upload_bytes 256K
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8)
 
@@ -92,11 +95,14 @@ def server(tmp_path_factory):
     app = root / "app"
     shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     conf = {"bundles_dir": bundles, "variant": "tiny", "skip_trainers": "true", "max_slices": MAX_SLICES,
-            "store_uncertainty": "false"}
+            "store_uncertainty": "false", "max_upload_bytes": "256K"}
+    tmp = root / "server_tmp"
+    tmp.mkdir()
     handle = start_server(app, studies, conf, log_path=root / "server.log", timeout=300,
-                          env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false"})
+                          env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false",
+                               "TMPDIR": str(tmp)})
     try:
-        yield {"url": handle.url, "root": root, "studies": studies, "outside": outside, "handle": handle}
+        yield {"url": handle.url, "root": root, "studies": studies, "outside": outside, "handle": handle, "tmp": tmp}
     finally:
         stop_server(handle)
         assert handle.proc.poll() is not None
@@ -251,3 +257,97 @@ def test_server_binds_to_loopback_and_still_serves_a_valid_request(server):
     r = _by_id(server, "img_0", {"text": "small polyp", "num_samples": 2, "seed": 3})
     assert r.status_code == 200, r.text[:500]
     assert r.json()["shape"] == [64, 64] and r.json()["prompt"] == "small polyp"
+
+
+# ------------------------------------------------------------------------------------------------ upload size limit
+def _temp_files(server) -> set:
+    """Files in the server's temporary folder (MONAI Label writes each upload there as ``tmpXXXXXXXX<suffix>``)."""
+    return {p.name for p in server["tmp"].iterdir() if p.is_file()}
+
+
+def _new_temp_files(server, before: set, wait: float = 5.0) -> list:
+    """Temporary files that appeared since ``before`` and are still there after up to ``wait`` seconds (MONAI
+    Label removes a successful upload in a background task right after the answer)."""
+    deadline = time.time() + wait
+    while True:
+        new = sorted(_temp_files(server) - before)
+        if not new or time.time() > deadline:
+            return new
+        time.sleep(0.2)
+
+
+def _noise_png(side: int) -> bytes:
+    return _png(np.random.default_rng(side).integers(0, 255, (side, side, 3), dtype=np.uint8))
+
+
+def _studies_snapshot(server) -> dict:
+    return {str(p.relative_to(server["studies"])): p.stat().st_size for p in server["studies"].rglob("*")
+            if p.is_file() and p.name != "datastore_v2.json"}
+
+
+def test_oversize_upload_gets_413_and_nothing_is_written(server):
+    data = _noise_png(400)  # ~480 KB of random pixels: over the 256 KiB limit
+    assert len(data) > MAX_UPLOAD
+    before, temp = _studies_snapshot(server), _temp_files(server)
+    r = _upload(server, "big.png", data)
+    assert r.status_code == 413, r.text[:500]
+    detail = r.json()["detail"]
+    assert "max_upload_bytes" in detail and str(MAX_UPLOAD) in detail, detail
+    assert _new_temp_files(server, temp) == []
+    assert _studies_snapshot(server) == before
+    # the server answers the next valid request
+    r = _by_id(server, "img_0", {"text": "polyp", "num_samples": 2, "seed": 1})
+    assert r.status_code == 200, r.text[:500]
+
+
+def test_oversize_chunked_upload_without_content_length_gets_413(server):
+    """A streamed (chunked) body has no Content-Length: it is counted while it arrives and cut off at the limit."""
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{{\"text\": \"polyp\"}}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    data = _noise_png(400)
+
+    def body():  # a generator: requests sends it with Transfer-Encoding: chunked
+        yield head
+        for i in range(0, len(data), 32 * 1024):
+            yield data[i:i + 32 * 1024]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    temp = _temp_files(server)
+    r = requests.post(f"{server['url']}/infer/toy", params={"output": "json"}, data=body(), timeout=120,
+                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 413, r.text[:500]
+    assert "max_upload_bytes" in r.json()["detail"]
+    assert _new_temp_files(server, temp) == []
+    assert _by_id(server, "img_0").status_code == 200
+
+
+def test_upload_within_the_limit_works_and_is_cleaned_up(server):
+    data = _noise_png(256)  # ~197 KB: under the 256 KiB limit
+    assert 150_000 < len(data) < MAX_UPLOAD
+    temp = _temp_files(server)
+    r = _upload(server, "near_limit.png", data, {"text": "polyp", "num_samples": 2})
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["shape"] == [256, 256]
+    assert _new_temp_files(server, temp) == []  # MONAI Label's background task removed the upload after the answer
+
+
+def test_failed_uploads_leave_no_temporary_files(server):
+    """An upload the app refuses (4xx) is removed too (MONAI Label's own clean-up runs only after a success)."""
+    temp = _temp_files(server)
+    for name, data in (("bad.png", b"not a png"), ("bad.nii.gz", b"not a nifti"),
+                       ("bomb.png", _png_header_claiming(20000, 20000))):
+        assert _upload(server, name, data).status_code in (413, 422)
+    assert _new_temp_files(server, temp) == []
+
+
+def test_max_upload_bytes_values():
+    from vlseg.app_support.upload_limit import DEFAULT_MAX_UPLOAD_BYTES, parse_size
+
+    assert parse_size("256K") == MAX_UPLOAD and parse_size("1GiB") == DEFAULT_MAX_UPLOAD_BYTES == 2**30
+    assert parse_size("512M") == 512 * 2**20 and parse_size("1000") == 1000 and parse_size(0) == 0
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")

@@ -1,6 +1,8 @@
 """vlseg MONAI Label app: text-prompted, uncertainty-aware segmentation with every bundle of a folder.
 
-    monailabel start_server --app apps/vlseg --studies <images folder> --conf variant small
+    monailabel start_server --app apps/vlseg --studies <images folder> --host 127.0.0.1 --conf variant small
+
+(``--host 127.0.0.1``: MONAI Label's own default is every interface; see README "Security notes".)
 
 Configuration (``--conf key value``):
 
@@ -17,6 +19,9 @@ Configuration (``--conf key value``):
                               request may send (default 25000000; larger: 413)
 ``max_volume_voxels``         largest NIfTI volume in voxels (default 256000000; larger: 413)
 ``max_slices``                most slices of a volume segmented in one request (default 1024; more: 413)
+``max_upload_bytes``          largest request body (an uploaded file with its form), checked before anything
+                              is written (default 1073741824 = 1 GiB; also ``512M``, ``2G``; 0: no limit;
+                              larger: 413)
 ``volume_axis``               axis along which NIfTI volumes are cut into 2D slices (default 2)
 ``uncertainty_tag``           datastore label tag of stored uncertainty maps (default ``uncertainty``)
 ``store_uncertainty``         store each uncertainty map in the datastore (default true)
@@ -59,6 +64,7 @@ from lib.infers.text_bundle import TextBundleInferTask
 from lib.params import parse_label_names
 from lib.scoring.uncertainty import UncertaintyScoring
 from lib.trainers.text_bundle import TextBundleTrainTask
+from vlseg.app_support.upload_limit import DEFAULT_MAX_UPLOAD_BYTES, install_body_size_limit, parse_size
 from vlseg.app_support.bundles import BundleError, checkpoint_path, discover_bundles
 
 logger = logging.getLogger(__name__)
@@ -98,6 +104,7 @@ class MyApp(MONAILabelApp):
             self.bundles = {}
         logger.info("vlseg: bundles in %s: %s (variant %r)", self.bundles_dir, list(self.bundles), self.variant)
         install_request_error_handlers()
+        install_body_size_limit(parse_size(conf.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)))
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -233,7 +240,13 @@ class MyApp(MONAILabelApp):
                 raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore "
                                                             "(it resolves outside the studies folder)")
             request["vlseg_image_id"] = image
-        return super().infer(request, datastore)
+        try:
+            return super().infer(request, datastore)
+        except BaseException:
+            # MONAI Label removes an uploaded file in a background task that runs only after a successful answer
+            if isinstance(image, str) and _is_upload(image):
+                os.remove(image)
+            raise
 
     def on_save_label(self, image_id, label_id):
         info = self.datastore().get_label_info(label_id, "final") if hasattr(self.datastore(), "get_label_info") else {}
