@@ -260,6 +260,12 @@ def test_fast_sampling_equals_naive_loop_and_seeds_differ(mcs):
     other = net.sample_probabilities(img, ids, mask, num_samples=5, seed=8, fast=True)
     assert (other - fast).abs().max() > 1e-4
     assert (fast.std(dim=0) > 0).any()  # passes differ from each other
+    # with mask_text_padding the fast path also drops the padded text positions: still the naive loop's maps
+    net.mask_text_padding = True
+    assert net._drop_padding(ids, mask)[0].shape[1] < ids.shape[1]
+    naive = net.sample_probabilities(img, ids, mask, num_samples=3, seed=7, fast=False)
+    fast = net.sample_probabilities(img, ids, mask, num_samples=3, seed=7, fast=True)
+    assert torch.allclose(naive, fast, atol=1e-5, rtol=0)
 
 
 def test_inferer_same_seed_identical_maps(mcs):

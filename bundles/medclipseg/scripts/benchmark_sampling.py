@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON file for the results")
     ap.add_argument("--flops", action="store_true", help="also count the FLOPs of one pass (torch.utils.flop_counter)")
     ap.add_argument("--num_threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--max_sample_batch", type=int, default=None, help="rows per batched forward of the fast path")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,6 +66,8 @@ def main(argv=None) -> dict:
     from vlseg.text import build_tokenizer
 
     net, (tok_spec, ctx), size = build(args.variant, args.checkpoint)
+    if args.max_sample_batch:
+        net.max_sample_batch = args.max_sample_batch
     ids, mask = build_tokenizer(tok_spec, ctx)([args.text] * args.batch)
     g = torch.Generator().manual_seed(123)
     image = torch.randn(args.batch, 3, size, size, generator=g)

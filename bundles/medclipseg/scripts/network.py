@@ -117,22 +117,28 @@ class SampleNoise:
     noise whether it runs alone (naive loop) or batched with other passes (fast path).
     """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu", text_len: int | None = None):
         self.seeds = [int(s) for s in seeds]
         device = torch.device(device)
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+        #: full (unpadded-dropped) text length: text-shaped draws are made at this length and cut to the tokens used
+        self.text_len = text_len
 
-    def randn_like(self, ref: torch.Tensor) -> torch.Tensor:
+    def randn_like(self, ref: torch.Tensor, full_len: int | None = None) -> torch.Tensor:
         n = len(self.generators)
         if ref.shape[0] % n:
             raise ValueError(f"batch {ref.shape[0]} is not a multiple of the {n} passes")
-        shape = (ref.shape[0] // n,) + tuple(ref.shape[1:])
+        tail = tuple(ref.shape[1:])
+        if full_len is not None and ref.ndim >= 2 and full_len > ref.shape[1]:
+            tail = (int(full_len),) + tail[1:]
+        shape = (ref.shape[0] // n,) + tail
         draws = [torch.randn(shape, generator=g, device=ref.device, dtype=ref.dtype) for g in self.generators]
-        return draws[0] if n == 1 else torch.cat(draws, dim=0)
+        out = draws[0] if n == 1 else torch.cat(draws, dim=0)
+        return out[:, : ref.shape[1]] if out.shape[1] != ref.shape[1] else out
 
 
-def _eps_like(ref: torch.Tensor, noise: SampleNoise | None) -> torch.Tensor:
-    return torch.randn_like(ref) if noise is None else noise.randn_like(ref)
+def _eps_like(ref: torch.Tensor, noise: SampleNoise | None, full_len: int | None = None) -> torch.Tensor:
+    return torch.randn_like(ref) if noise is None else noise.randn_like(ref, full_len)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +165,7 @@ class ProbCrossAttention(nn.Module):
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
 
     def forward(self, query: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                noise: SampleNoise | None = None) -> torch.Tensor:
+                noise: SampleNoise | None = None, noise_len: int | None = None) -> torch.Tensor:
         q = self.q_proj(query)
         k_mu, k_var = key_value_distribution(self.k_proj, self.norm_k, context, self.var_eps)
         v_mu, v_var = key_value_distribution(self.v_proj, self.norm_v, context, self.var_eps)
@@ -167,7 +173,7 @@ class ProbCrossAttention(nn.Module):
         if key_padding_mask is not None:  # optional (not upstream): ignore padded text tokens as keys
             scores = scores.masked_fill(~key_padding_mask.bool()[:, None, :], float("-inf"))
         attn = scores.softmax(dim=-1)
-        v = sample_values(v_mu, v_var, _eps_like(v_mu, noise))
+        v = sample_values(v_mu, v_var, _eps_like(v_mu, noise, noise_len))
         return gated_residual(self.out_proj(torch.matmul(attn, v)), query, self.gate)
 
 
@@ -180,7 +186,8 @@ class TwoWayLayer(nn.Module):
         self.cross_attn_txt_to_img = ProbCrossAttention(dim, beta, gate_init)
 
     def forward(self, img, txt, txt_key_mask=None, noise=None):
-        img = self.cross_attn_img_to_txt(img, txt, key_padding_mask=txt_key_mask, noise=noise)
+        img = self.cross_attn_img_to_txt(img, txt, key_padding_mask=txt_key_mask, noise=noise,
+                                         noise_len=getattr(noise, "text_len", None))
         txt = self.cross_attn_txt_to_img(txt, img, noise=noise)
         return img, txt
 
@@ -378,7 +385,8 @@ class MedCLIPSeg(nn.Module):
         adapter_layers: blocks that get a PVL adapter in front of them (upstream 1..10).
         adapter_dim, beta, gate_init: adapter width (256), key-uncertainty penalty (2.35), gate init (0).
         num_upscale: number of :class:`ScaleBlock` (2: 14x14 -> 56x56).
-        mask_text_padding: ignore padded text tokens as attention keys (upstream: False).
+        mask_text_padding: ignore padded text tokens as attention keys in the adapters (upstream: False, the adapters
+            attend to all tokens); then no padded position can reach the output and the fast sampler drops them.
         max_sample_batch: rows per batched forward in :meth:`sample_probabilities` (memory bound of the fast path).
     """
 
@@ -549,6 +557,18 @@ class MedCLIPSeg(nn.Module):
             return pooled
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
+    def _drop_padding(self, ids: torch.Tensor, mask: torch.Tensor):
+        """With ``mask_text_padding`` no padded token can reach the output (masked as keys in the text tower and in
+        the adapters; pooling ignores them), so the trailing padding columns are dropped (fast path only)."""
+        if not self.mask_text_padding or mask.shape[1] == 0:
+            return ids, mask
+        n = int(mask.sum(dim=1).max().item())
+        if n < mask.shape[1] and not mask[:, n:].any():
+            if self.text_kind == "openclip" and getattr(self._text_tower(), "pool_type", "argmax") not in ("argmax", "first", "eos"):
+                return ids, mask  # 'last' pooling reads the final (padded) position
+            return ids[:, :n], mask[:, :n]
+        return ids, mask
+
     @staticmethod
     def _repeat_state(st: dict, k: int) -> dict:
         """Tile a batch-B state ``k`` times, sample-major (rows s*B..s*B+B-1 = pass s)."""
@@ -611,7 +631,8 @@ class MedCLIPSeg(nn.Module):
 
         ``fast=True`` runs the sample-independent prefix (embeddings and every block before the first adapter) once
         and pushes the passes through the rest of the network as one sample-major batch (chunks of at most
-        ``max_sample_batch`` rows). ``fast=False`` is the naive loop of full passes. Both draw each pass's noise
+        ``max_sample_batch`` rows); with ``mask_text_padding`` it also drops the trailing padded text positions,
+        which cannot reach the output then. ``fast=False`` is the naive loop of full passes. Both draw each pass's noise
         from that pass's own generator (:class:`SampleNoise`), so they give the same maps for the same seed.
         """
         s_total = int(num_samples)
@@ -624,9 +645,12 @@ class MedCLIPSeg(nn.Module):
             if not fast:
                 out = []
                 for s in seeds:
-                    st = self._run_blocks(self._embed(image, ids, mask), 0, n_blocks, SampleNoise([s], image.device))
+                    st = self._run_blocks(self._embed(image, ids, mask), 0, n_blocks,
+                                          SampleNoise([s], image.device, text_len=ids.shape[1]))
                     out.append(torch.sigmoid(self._head(st, out_size)[0]))
                 return torch.stack(out)
+            full_len = ids.shape[1]
+            ids, mask = self._drop_padding(ids, mask)
             b = image.shape[0]
             first = self.adapter_layers[0] if self.adapter_layers else n_blocks
             prefix = self._run_blocks(self._embed(image, ids, mask), 0, first, None)
@@ -636,7 +660,7 @@ class MedCLIPSeg(nn.Module):
                 cs = seeds[c0:c0 + chunk]
                 k = len(cs)
                 st = self._repeat_state(prefix, k)
-                st = self._run_blocks(st, first, n_blocks, SampleNoise(cs, image.device))
+                st = self._run_blocks(st, first, n_blocks, SampleNoise(cs, image.device, text_len=full_len))
                 probs = torch.sigmoid(self._head(st, out_size)[0])
                 out.append(probs.reshape(k, b, *probs.shape[1:]))
             return torch.cat(out, dim=0)
