@@ -60,10 +60,13 @@ def save_atomic(obj, path) -> Path:
     return path
 
 def train_command(bundle_dir, variant: str | None = None, datalist=None, max_epochs: int | None = None,
-                  overrides: dict | None = None, max_seconds: float | None = None) -> list[str]:
-    """The ``monai.bundle run`` command line training ``bundle_dir`` with its ``variant`` override file."""
+                  overrides: dict | None = None, max_seconds: float | None = None,
+                  extra_config_files: Sequence | None = None) -> list[str]:
+    """The ``monai.bundle run`` command line training ``bundle_dir`` with its ``variant`` override file (and
+    ``extra_config_files`` merged after it)."""
     bundle_dir = Path(bundle_dir).resolve()
     files = [str(p) for p in config_files(bundle_dir, "train", variant)]
+    files += [str(Path(f).resolve()) for f in extra_config_files or ()]
     if max_seconds:
         files.append(str(_final_saver_file()))
     cmd = [sys.executable, "-m", "monai.bundle", "run", "run",
