@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform
+
+from vlseg.bundle_support import datalist_split, name_items, single_image_item
 
 __all__ = ["load_items", "inference_items", "ClipNormalized", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "IMAGENET_MEAN",
            "IMAGENET_STD"]
@@ -67,7 +68,7 @@ def load_items(datalist, split: str = "training", data_fraction=None, seed: int 
     base = Path(base_dir) if base_dir else path.parent
     pct = _percent_key(data_fraction)
     if pct is None:
-        items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split, base_dir=str(base))
+        items = datalist_split(path, split, base)
     else:
         raw = json.loads(path.read_text())
         subset = (raw.get("subsets") or {}).get(pct, {}).get(split)
@@ -75,7 +76,7 @@ def load_items(datalist, split: str = "training", data_fraction=None, seed: int 
             items = _resolve(subset, base)
             logger.info("data_fraction %s%%: using the datalist's fixed '%s' subset (%d items)", pct, split, len(items))
         else:
-            full = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split, base_dir=str(base))
+            full = datalist_split(path, split, base)
             n = max(1, math.ceil(float(pct) / 100.0 * len(full)))
             idx = np.sort(np.random.default_rng(seed).permutation(len(full))[:n])
             items = [full[i] for i in idx]
@@ -87,30 +88,15 @@ def load_items(datalist, split: str = "training", data_fraction=None, seed: int 
 
 
 def inference_items(image=None, text=None, datalist=None, split: str = "test", max_items: int | None = None) -> list[dict]:
-    """``[{"image": image, "text": text}]`` when an image is given, else the datalist split."""
+    """``[{"image": image, "text": text, "name": ...}]`` when an image is given, else the datalist split (the demo set
+    by default), every item with a unique ``name`` (one output folder per sample: several prompts may share an image)."""
     if image:
-        if not Path(str(image)).is_file():
-            raise FileNotFoundError(f"image {image} not found")
-        return [{"image": str(image), "text": text, "name": _stem(image)}]
+        return [single_image_item(image, text)]
     if datalist is None:  # the demo set, generated on first use
         import vlseg.data.demo
 
         datalist = vlseg.data.demo.ensure_demo_dataset()
-    items = load_items(datalist, split, max_items=max_items)
-    seen: dict[str, int] = {}
-    for it in items:  # one output folder per sample: several prompts may share an image
-        name = _stem(it["label"]) if it.get("label") else _stem(it["image"])
-        seen[name] = seen.get(name, 0) + 1
-        it["name"] = name if seen[name] == 1 else f"{name}_{seen[name] - 1}"
-    return items
-
-
-def _stem(path) -> str:
-    name = Path(str(path)).name
-    for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
+    return name_items(load_items(datalist, split, max_items=max_items))
 
 
 class ClipNormalized(MapTransform):

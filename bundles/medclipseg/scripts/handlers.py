@@ -1,10 +1,14 @@
-"""Engine handlers and output writers of the MedCLIPSeg bundle.
+"""Engine handlers of the MedCLIPSeg bundle.
 
-* :class:`TrainingReport` (trainer): per-epoch mean loss (and loss terms) + validation Dice -> learning-curve PNG and
-  ``train_metrics.json`` at the end (also when a time budget stopped the run).
+* :class:`TrainingReport` (trainer): the shared ``vlseg.engine_handlers.TrainingReport`` (learning-curve PNG and
+  ``train_metrics.json``, also when a time budget stopped the run) plus the adapter parameter counts and the encoder
+  mode.
 * :class:`SegmentationReport` (evaluator): per-image Dice / IoU / NSD(2 px) from :mod:`vlseg.metrics`, mean
   uncertainty on boundary / interior / background pixels, CSV + JSON summary.
-* :class:`SaveOverlayd`, :class:`SaveArrayd`: inference outputs (overlay PNG via :mod:`vlseg.viz`, float ``.npy``).
+* :func:`attach_full_state`: resumable full-state checkpoints.
+
+The inference output transforms (``OutputNamed``, ``SaveArrayd``, ``SaveOverlayd``) are shared:
+:mod:`vlseg.bundle_support`.
 """
 
 from __future__ import annotations
@@ -12,25 +16,19 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import MapTransform
 from scipy import ndimage
 
+from vlseg import engine_handlers
+from vlseg.engine_handlers import is_main_process
 from vlseg.metrics import segmentation_metrics, summarize
-from vlseg.viz import save_learning_curve, save_overlay
 
-__all__ = ["TrainingReport", "SegmentationReport", "SaveOverlayd", "SaveArrayd", "OutputNamed", "attach_full_state", "boundary_interior_uncertainty",
-           "is_rank0"]
+__all__ = ["TrainingReport", "SegmentationReport", "attach_full_state", "boundary_interior_uncertainty"]
 
 logger = logging.getLogger("vlseg.medclipseg")
-
-
-def is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
 def _np(x) -> np.ndarray:
@@ -58,83 +56,23 @@ def boundary_interior_uncertainty(uncertainty, label, band: int = 2) -> dict[str
             "unc_mean": float(u.mean())}
 
 
-class TrainingReport:
-    """Collects the learning curve; writes ``learning_curve.png`` and ``train_metrics.json`` into ``output_dir``."""
+class TrainingReport(engine_handlers.TrainingReport):
+    """``vlseg.engine_handlers.TrainingReport`` (``train_metrics.json`` + ``learning_curve.png``) with the adapter
+    parameter counts (``parameters``) and the encoder mode (``encoders``: pretrained / trainable per tower)."""
 
     def __init__(self, output_dir, evaluator=None, loss_fn=None, network=None, metric_name: str = "val_mean_dice",
-                 extra: dict | None = None):
-        self.output_dir = Path(output_dir)
-        self.evaluator = evaluator
-        self.loss_fn = loss_fn
-        self.network = network
-        self.metric_name = metric_name
-        self.extra = extra or {}
-        self.history: dict[str, list[float]] = {"train_loss": []}
-        self._sums: dict[str, float] = {}
-        self._n = 0
-        self._t0 = None
-        self._written = False
+                 extra: dict | None = None, **kwargs):
+        kwargs.setdefault("title", "MedCLIPSeg training")
+        super().__init__(output_dir, evaluator=evaluator, loss_fn=loss_fn, network=network, metric_names=(metric_name,),
+                         extra=extra, **kwargs)
 
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _started(self, engine):
-        self._t0 = time.perf_counter()
-
-    def _reset(self, engine):
-        self._sums, self._n = {}, 0
-
-    def _iteration(self, engine):
-        out = engine.state.output
-        out = out[0] if isinstance(out, list) else out
-        loss = out.get("loss") if isinstance(out, dict) else None
-        if loss is None:
-            return
-        self._sums["train_loss"] = self._sums.get("train_loss", 0.0) + float(loss.detach() if torch.is_tensor(loss) else loss)
-        for k, v in (getattr(self.loss_fn, "last_terms", None) or {}).items():
-            self._sums[f"train_{k}"] = self._sums.get(f"train_{k}", 0.0) + float(v)
-        self._n += 1
-
-    def _epoch(self, engine):
-        for k, v in self._sums.items():
-            self.history.setdefault(k, []).append(v / max(self._n, 1))
-        if self.evaluator is not None and getattr(self.evaluator, "state", None) is not None:
-            val = self.evaluator.state.metrics.get(self.metric_name)
-            if val is not None:
-                self.history.setdefault(self.metric_name, []).append(float(val))
-
-    def _write(self, engine):
-        if not is_rank0():
-            return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        curves = {k: v for k, v in self.history.items() if v}
-        if curves:
-            save_learning_curve(self.output_dir / "learning_curve.png", curves, title="MedCLIPSeg training")
-        val = self.history.get(self.metric_name, [])
-        report = {
-            "epochs_completed": int(engine.state.epoch),
-            "iterations": int(engine.state.iteration),
-            "wall_seconds": round(time.perf_counter() - self._t0, 1) if self._t0 else None,
-            "stopped_by_time": bool(getattr(engine.state, "stopped_by_time", False)),
-            f"best_{self.metric_name}": max(val) if val else None,
-            f"best_{self.metric_name}_epoch": int(np.argmax(val)) + 1 if val else None,
-            "history": self.history,
-            **self.extra,
-        }
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        if net is not None and hasattr(net, "adapter_parameters"):
-            report["parameters"] = net.adapter_parameters()
-            report["encoders"] = {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.encoders_trainable),
-                                  "image": {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.vision_trainable)},
-                                  "text": {"pretrained": bool(net.text_pretrained), "trainable": bool(net.text_trainable)}}
-        (self.output_dir / "train_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        logger.info("wrote %s", self.output_dir / "train_metrics.json")
+    def network_report(self, net) -> dict:
+        if not hasattr(net, "adapter_parameters"):
+            return {}
+        return {"parameters": net.adapter_parameters(),
+                "encoders": {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.encoders_trainable),
+                             "image": {"pretrained": bool(net.encoders_pretrained), "trainable": bool(net.vision_trainable)},
+                             "text": {"pretrained": bool(net.text_pretrained), "trainable": bool(net.text_trainable)}}}
 
 
 class SegmentationReport:
@@ -191,7 +129,7 @@ class SegmentationReport:
         for k in keys:
             engine.state.metrics[k] = summary[k]
         summary.update(self.extra)
-        if not is_rank0():
+        if not is_main_process():
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / f"metrics_{self.tag}.csv", "w", newline="") as f:
@@ -200,91 +138,6 @@ class SegmentationReport:
             w.writerows(self.rows)
         (self.output_dir / f"metrics_{self.tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("%s: %s", self.tag, {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
-
-
-def _out_name(data: dict, key: str, postfix: str) -> str:
-    meta = getattr(data.get(key), "meta", {}) or {}
-    stem = data.get("name") or meta.get("filename_or_obj") or "image"
-    stem = Path(str(stem)).name
-    for ext in (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".npy"):
-        if stem.lower().endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    return f"{stem}_{postfix}"
-
-
-class OutputNamed(MapTransform):
-    """Name the outputs of an item after ``data[name_key]`` (set by :func:`scripts.data.inference_items`): the
-    ``filename_or_obj`` meta entry that SaveImaged names files by becomes ``<name>.png``; the source image path is
-    kept as ``source_image``. Several samples of one image (different prompts) thus get separate folders."""
-
-    def __init__(self, keys, name_key: str = "name", allow_missing_keys: bool = True):
-        super().__init__(keys, allow_missing_keys)
-        self.name_key = name_key
-
-    def __call__(self, data):
-        d = dict(data)
-        name = d.get(self.name_key)
-        if not name:
-            return d
-        for key in self.key_iterator(d):
-            meta = getattr(d[key], "meta", None)
-            if meta is not None:
-                meta.setdefault("source_image", meta.get("filename_or_obj"))
-                meta["filename_or_obj"] = f"{name}.png"
-        return d
-
-
-class SaveArrayd(MapTransform):
-    """Save ``data[key]`` (float) as ``<output_dir>/<image stem>/<stem>_<postfix>.npy`` in the ORIGINAL image
-    orientation (rows = image rows), unquantised."""
-
-    def __init__(self, keys, output_dir, postfix: str = "uncertainty", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.output_dir, self.postfix = Path(output_dir), postfix
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            name = _out_name(d, key, self.postfix)
-            folder = self.output_dir / name.rsplit("_" + self.postfix, 1)[0]
-            folder.mkdir(parents=True, exist_ok=True)
-            arr = _np(d[key]).squeeze()
-            np.save(folder / f"{name}.npy", arr.T if arr.ndim == 2 else arr)  # PILReader loads images transposed
-        return d
-
-
-class SaveOverlayd(MapTransform):
-    """Overlay PNG (image | mask outline | uncertainty) via :func:`vlseg.viz.save_overlay` for each item.
-
-    Reads the original image from the ``image`` meta data (PIL), so the overlay is at the original size.
-    """
-
-    def __init__(self, keys="pred", output_dir=".", uncertainty_key: str = "uncertainty", text_key: str = "text",
-                 threshold: float = 0.5, label_key: str | None = None, allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.output_dir = Path(output_dir)
-        self.uncertainty_key, self.text_key, self.label_key = uncertainty_key, text_key, label_key
-        self.threshold = float(threshold)
-
-    def __call__(self, data):
-        from PIL import Image
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            meta = getattr(d[key], "meta", {}) or {}
-            src = meta.get("source_image") or meta.get("filename_or_obj")
-            pred = _np(d[key]).squeeze().T  # MONAI's PILReader gives [W, H]: back to rows x cols
-            unc = _np(d[self.uncertainty_key]).squeeze().T if self.uncertainty_key in d else None
-            image = np.asarray(Image.open(src).convert("RGB")) if src and Path(str(src)).is_file() else pred
-            label = None
-            if self.label_key and self.label_key in d and hasattr(d[self.label_key], "shape"):
-                label = _np(d[self.label_key]).squeeze().T
-            name = _out_name(d, key, "overlay")
-            folder = self.output_dir / name.rsplit("_overlay", 1)[0]
-            save_overlay(folder / f"{name}.png", image, pred >= self.threshold, unc, title=str(d.get(self.text_key, "")),
-                         label=label)
-        return d
 
 
 def attach_full_state(trainer, ckpt_dir, objects: dict, resume: str | None = None, map_location=None, save: bool = True):
@@ -302,7 +155,7 @@ def attach_full_state(trainer, ckpt_dir, objects: dict, resume: str | None = Non
         if not Path(str(resume)).is_file():
             raise FileNotFoundError(f"resume checkpoint {resume} not found")
         CheckpointLoader(load_path=str(resume), load_dict=state, map_location=map_location).attach(trainer)
-    if save and is_rank0():
+    if save and is_main_process():
         CheckpointSaver(save_dir=str(ckpt_dir), save_dict=state, file_prefix="checkpoint", save_interval=1,
                         epoch_level=True, n_saved=1).attach(trainer)
     return trainer

@@ -1,26 +1,23 @@
-"""Data helpers of the bundle: datalist items, random prompt variants, single-image inference items."""
+"""Data helpers of the bundle: datalist items, random prompt variants, single-image inference items (the shared
+pieces are in :mod:`vlseg.bundle_support`)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 from monai.config import KeysCollection
-from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform, Randomizable
 
-from vlseg.text.prompts import PromptError, validate_prompt
+from vlseg.bundle_support import datalist_split, name_items, single_image_item
+from vlseg.text.prompts import validate_prompt
 
-__all__ = ["load_items", "inference_items", "RandomPromptd", "text_blind_ceiling"]
+__all__ = ["load_items", "inference_items", "RandomPromptd"]
 
 
 def load_items(datalist, split: str = "training", data_fraction: float | None = None, seed: int = 0,
                max_items: int | None = None) -> list[dict]:
     """Items of ``split`` (paths resolved against the datalist's folder); ``data_fraction`` keeps a seeded random
-    subset, ``max_items`` the first N (after the subset)."""
-    path = Path(datalist)
-    items = load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split, base_dir=str(path.parent))
+    subset, ``max_items`` the first N (after the subset). Every item gets a unique ``name``."""
+    items = datalist_split(datalist, split)
     if data_fraction is not None and 0 < float(data_fraction) < 1:
         rng = np.random.default_rng(seed)
         n = max(1, int(round(len(items) * float(data_fraction))))
@@ -28,32 +25,18 @@ def load_items(datalist, split: str = "training", data_fraction: float | None = 
         items = [items[i] for i in keep]
     if max_items:
         items = items[: int(max_items)]
-    for i, it in enumerate(items):
-        stem = Path(str(it.get("label") or it["image"])).name.split(".")[0]
-        it.setdefault("name", stem if it.get("label") else f"{stem}_{i}")
-    return items
+    return name_items(items)
 
 
 def inference_items(datalist=None, image: str | None = None, split: str = "test", max_items: int | None = None,
                     text: str | None = None) -> list[dict]:
     """One item for ``image`` (a single file; ``text`` must then be given), else the items of ``split``."""
     if image:
-        if not text:
-            raise PromptError("a single --image needs a --text prompt, e.g. --text polyp")
-        validate_prompt(text)
-        return [{"image": str(image), "text": text, "name": Path(str(image)).name.split(".")[0]}]
+        return [single_image_item(image, text, require_text=True)]
     items = load_items(datalist, split, max_items=max_items)
     for it in items:
         it.pop("label", None)
     return items
-
-
-def text_blind_ceiling(datalist) -> dict | None:
-    """The ``text_blind_ceiling`` record stored in a demo datalist (None for other datalists)."""
-    try:
-        return json.loads(Path(datalist).read_text()).get("text_blind_ceiling")
-    except Exception:  # noqa: BLE001 - optional information
-        return None
 
 
 class RandomPromptd(Randomizable, MapTransform):
