@@ -1,8 +1,9 @@
 """Bad input against a real ``monailabel start_server`` (issue 8): every case gets a 4xx with a clear message,
 never a 500, and the server keeps answering.
 
-One server is started for the module with only the toy bundle (``tests/data/toy_bundle``, ``tiny`` variant,
-random-init checkpoint: serving needs weights that fit, not good ones), on a free 127.0.0.1 port, no trainers.
+One server is started for the module with the toy bundle (``tests/data/toy_bundle``) and, for the mixed-bundle load
+test (``test_reliability_load``), the real ``uavls`` bundle, both ``tiny`` with random-init checkpoints (serving needs
+weights that fit, not good ones), on a free 127.0.0.1 port, no trainers. The bad-input cases use the toy bundle.
 Small limits (``max_slices``, ``max_upload_bytes``) are passed as ``--conf`` so the limit cases stay fast. The
 server gets its own temporary folder (``TMPDIR``), where MONAI Label writes uploads, so the tests can check that
 nothing is left there. The server is stopped by its own process id, children first.
@@ -35,6 +36,8 @@ APP = REPO / "apps" / "vlseg"
 TOY = REPO / "tests" / "data" / "toy_bundle"
 MAX_SLICES = 64
 MAX_UPLOAD = 256 * 1024  # --conf max_upload_bytes 256K
+#: real bundles served next to the toy one (a copy of each, without its checkpoints, gets a random-init tiny one)
+REAL_BUNDLES = [n for n in ("uavls",) if (REPO / "bundles" / n / "configs" / "tiny.json").is_file()]
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8)
 
@@ -81,12 +84,17 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     bundles = root / "bundles"
     bundles.mkdir()
-    toy = shutil.copytree(TOY, bundles / "toy", ignore=shutil.ignore_patterns("*.pt", "runs", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "vlseg.app_support.checkpoints", "--variant", "tiny", "--random-init",
-                    "--bundle", str(toy)], check=True, timeout=600, stdout=subprocess.DEVNULL)
+    ignore = shutil.ignore_patterns("*.pt", "*.ts", "runs", "eval", "__pycache__", "vlseg_checkpoint.json",
+                                    "monailabel_train.json")
+    served = [shutil.copytree(TOY, bundles / "toy", ignore=ignore)]
+    served += [shutil.copytree(REPO / "bundles" / n, bundles / n, ignore=ignore) for n in REAL_BUNDLES]
+    subprocess.run([sys.executable, "-m", "vlseg.app_support.checkpoints", "--variant", "tiny", "--random-init"]
+                   + [a for b in served for a in ("--bundle", str(b))], check=True, timeout=600, stdout=subprocess.DEVNULL)
     studies = root / "studies"
     studies.mkdir()
     Image.fromarray(RGB).save(studies / "img_0.png")
+    other = np.random.default_rng(1).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    Image.fromarray(other).save(studies / "img_1.png")  # a second image for the load test
     outside = root / "outside"
     outside.mkdir()
     Image.fromarray(RGB).save(outside / "secret.png")
@@ -102,7 +110,10 @@ def server(tmp_path_factory):
                           env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false",
                                "TMPDIR": str(tmp)})
     try:
-        yield {"url": handle.url, "root": root, "studies": studies, "outside": outside, "handle": handle, "tmp": tmp}
+        models = requests.get(f"{handle.url}/info/", timeout=30).json()["models"]
+        assert sorted(models) == sorted(b.name for b in served), (sorted(models), handle.log_tail())
+        yield {"url": handle.url, "root": root, "studies": studies, "outside": outside, "handle": handle, "tmp": tmp,
+               "models": sorted(models)}
     finally:
         stop_server(handle)
         assert handle.proc.poll() is not None
@@ -351,3 +362,23 @@ def test_max_upload_bytes_values():
     assert parse_size("512M") == 512 * 2**20 and parse_size("1000") == 1000 and parse_size(0) == 0
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_documented_server_commands_bind_loopback():
+    """Every ``monailabel start_server`` command line in the docs, scripts and app passes ``--host 127.0.0.1``
+    (MONAI Label's own default is 0.0.0.0), and the start helper the demo and tests use defaults to it."""
+    import inspect
+    import re
+
+    from vlseg.app_support import server as server_mod
+
+    files = [REPO / "README.md", APP / "README.md", APP / "main.py", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "bundles").glob("*/docs/README.md")), *sorted((REPO / "scripts").glob("*.*"))]
+    commands = []
+    for f in files:
+        text = re.sub(r"\\\n\s*", " ", f.read_text(errors="replace"))  # join continued shell lines
+        commands += [(f.name, m.group(0)) for m in re.finditer(r"monailabel start_server --app[^\n`]*", text)]
+    assert len(commands) >= 3, commands
+    bad = [(name, c) for name, c in commands if not re.search(r"--host 127\.0\.0\.1\b", c)]
+    assert not bad, f"start_server commands without --host 127.0.0.1: {bad}"
+    assert inspect.signature(server_mod.start_server).parameters["host"].default == "127.0.0.1"
