@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlseg.data.convert import ConversionError, convert_medclipseg
+from vlseg.data.convert import add_output_arguments, convert_medclipseg, run_converter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,32 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts-dir", help="folder with the *_text*.xlsx files (default: <root>/Prompts_Folder)")
     p.add_argument("--image-folder", default="img", help="image folder name inside <Split>_Folder (default: img)")
     p.add_argument("--mask-folder", default="label", help="mask folder name inside <Split>_Folder (default: label)")
-    p.add_argument("--output", required=True, help="datalist .json path, or a folder (-> <folder>/datalist.json)")
-    p.add_argument("--name", help="dataset name stored in the datalist")
-    p.add_argument("--description", help="description stored in the datalist")
-    p.add_argument("--strict", action="store_true", help="fail on any unmatched row or file")
-    p.add_argument("--copy", action="store_true", help="copy images and masks next to the datalist")
-    p.add_argument("--quiet", action="store_true", help="do not print the match report")
+    add_output_arguments(p)
     a = p.parse_args(argv)
-    try:
-        convert_medclipseg(
-            a.root,
-            a.output,
-            images_dir=a.images_dir,
-            masks_dir=a.masks_dir,
-            prompts_dir=a.prompts_dir,
-            image_folder=a.image_folder,
-            mask_folder=a.mask_folder,
-            name=a.name,
-            description=a.description,
-            strict=a.strict,
-            copy=a.copy,
-            verbose=not a.quiet,
-        )
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(convert_medclipseg, a, a.root, images_dir=a.images_dir, masks_dir=a.masks_dir,
+                         prompts_dir=a.prompts_dir, image_folder=a.image_folder, mask_folder=a.mask_folder)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlseg.data.convert import ConversionError, convert_medvlsm
+from vlseg.data.convert import add_output_arguments, convert_medvlsm, run_converter
 
 
 def _split_file(s: str) -> tuple[str, str]:
@@ -36,33 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--default-prompt", default="p9", help="prompt key used as the item's text (default: p9)")
     p.add_argument("--variant-index", type=int, default=0, help="which phrasing of list-valued prompts (p7-p9) is pK")
-    p.add_argument("--output", required=True, help="datalist .json path, or a folder (-> <folder>/datalist.json)")
-    p.add_argument("--name", help="dataset name stored in the datalist")
-    p.add_argument("--description", help="description stored in the datalist")
-    p.add_argument("--strict", action="store_true", help="fail on any unmatched row or file")
-    p.add_argument("--copy", action="store_true", help="copy images and masks next to the datalist")
-    p.add_argument("--quiet", action="store_true", help="do not print the match report")
+    add_output_arguments(p)
     a = p.parse_args(argv)
-    try:
-        convert_medvlsm(
-            a.prompts_dir,
-            a.output,
-            images_dir=a.images_dir,
-            masks_dir=a.masks_dir,
-            root=a.root,
-            split_files=dict(a.split_file) if a.split_file else None,
-            default_prompt=a.default_prompt,
-            variant_index=a.variant_index,
-            name=a.name,
-            description=a.description,
-            strict=a.strict,
-            copy=a.copy,
-            verbose=not a.quiet,
-        )
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(convert_medvlsm, a, a.prompts_dir, images_dir=a.images_dir, masks_dir=a.masks_dir,
+                         root=a.root, split_files=dict(a.split_file) if a.split_file else None,
+                         default_prompt=a.default_prompt, variant_index=a.variant_index)
 
 
 if __name__ == "__main__":
