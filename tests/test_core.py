@@ -182,3 +182,29 @@ def test_metrics_hand_computed():
     assert s["n"] == 2 and s["dice"] == pytest.approx((2 / 3 + 1) / 2)
     with pytest.raises(ValueError):
         segmentation_metrics(torch.zeros(4, 4), torch.zeros(5, 5))
+
+
+def test_stop_after_seconds_process_clock_counts_cpu_not_waiting():
+    """``clock="process"`` budgets CPU seconds: waiting (a shared machine, sleep) does not use the budget, work does."""
+    import time
+
+    from ignite.engine import Engine
+
+    from vlseg.engine_handlers import StopAfterSeconds
+
+    sleeper = Engine(lambda e, b: time.sleep(0.02))
+    StopAfterSeconds(0.15, clock="process").attach(sleeper)
+    sleeper.run(range(10), max_epochs=3)  # 0.6 s of wall clock, almost no CPU
+    assert not sleeper.state.stopped_by_time and sleeper.state.iteration == 30
+
+    def spin(e, b):
+        t = time.process_time()
+        while time.process_time() - t < 0.02:
+            pass
+
+    worker = Engine(spin)
+    StopAfterSeconds(0.15, clock="process").attach(worker)
+    worker.run(range(10), max_epochs=3)
+    assert worker.state.stopped_by_time and worker.state.iteration < 30 and worker.state.budget_clock == "process"
+    with pytest.raises(ValueError, match="clock"):
+        StopAfterSeconds(1.0, clock="gpu")

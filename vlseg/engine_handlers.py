@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["StopAfterSeconds", "TrainingReport", "EvalReport", "is_main_process", "dist_any", "jsonable"]
+__all__ = ["StopAfterSeconds", "budget_clock", "TrainingReport", "EvalReport", "is_main_process", "dist_any", "jsonable"]
 
 logger = logging.getLogger("vlseg")
 
@@ -61,6 +61,16 @@ def jsonable(x):
     return x
 
 
+def budget_clock(clock: str = "wall"):
+    """The clock of a training budget: ``"wall"`` -> :func:`time.perf_counter`, ``"process"`` -> CPU seconds of
+    this process (:func:`time.process_time`, all threads)."""
+    if clock == "wall":
+        return time.perf_counter
+    if clock == "process":
+        return time.process_time
+    raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+
+
 def _unwrap(network):
     return getattr(network, "module", network)  # DistributedDataParallel / DataParallel
 
@@ -74,11 +84,20 @@ class StopAfterSeconds:
 
     ``max_seconds`` of None or <= 0 disables the handler. Under torch.distributed the decision is all-reduced so all
     ranks stop together. ``engine.state.stopped_by_time`` tells whether the budget ended the run.
+
+    ``clock``: ``"wall"`` (default) counts wall-clock seconds; ``"process"`` counts the CPU seconds this process
+    used (all its threads, :func:`time.process_time`), which is the budget that stays meaningful on a machine shared
+    with other jobs: a run with one torch thread and a budget of N CPU seconds needs at most N seconds on one free
+    core.
     """
 
-    def __init__(self, max_seconds: float | None = None, epoch_level: bool = True):
+    def __init__(self, max_seconds: float | None = None, epoch_level: bool = True, clock: str = "wall"):
         self.max_seconds = float(max_seconds) if max_seconds else 0.0
         self.epoch_level = bool(epoch_level)
+        if clock not in ("wall", "process"):
+            raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+        self.clock = clock
+        self._now = budget_clock(clock)
         self._t0 = None
         self._epoch_t0 = None
 
@@ -94,18 +113,20 @@ class StopAfterSeconds:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
     def elapsed(self) -> float:
-        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+        return 0.0 if self._t0 is None else self._now() - self._t0
 
     def _started(self, engine) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self._now()
         engine.state.stopped_by_time = False
+        engine.state.budget_clock = self.clock
 
     def _epoch_started(self, engine) -> None:
-        self._epoch_t0 = time.perf_counter()
+        self._epoch_t0 = self._now()
 
     def _stop(self, engine, why: str) -> None:
         engine.state.stopped_by_time = True
-        logger.info("StopAfterSeconds: %s (%.1f s elapsed, budget %.1f s): terminating", why, self.elapsed(), self.max_seconds)
+        logger.info("StopAfterSeconds: %s (%.1f %s s elapsed, budget %.1f s): terminating", why, self.elapsed(),
+                    self.clock, self.max_seconds)
         engine.terminate()
 
     def _iteration_completed(self, engine) -> None:
@@ -113,7 +134,7 @@ class StopAfterSeconds:
             self._stop(engine, "budget exceeded")
 
     def _epoch_completed(self, engine) -> None:
-        last = time.perf_counter() - self._epoch_t0 if self._epoch_t0 is not None else 0.0
+        last = self._now() - self._epoch_t0 if self._epoch_t0 is not None else 0.0
         if dist_any(self.elapsed() + last > self.max_seconds):
             self._stop(engine, "next epoch would not fit")
 
