@@ -31,6 +31,10 @@ Configuration (``--conf key value``):
 ``scoring_max_images``        score at most this many unlabelled images per run (default 0 = all)
 ``train_epochs``              default ``max_epochs`` of the train tasks (default 10)
 ``skip_trainers``             do not create train tasks (default false)
+``dicomweb_search_filter``    DICOMweb studies: QIDO series filter, JSON (default ``{}``: every image series)
+``dicomweb_uncertainty_series`` DICOMweb studies: publish each uncertainty map as a derived series (default true)
+``ohif_next_sample``          strategy answering requests for ``random`` (OHIF's panel only sends that): default
+                              ``uncertainty`` for DICOMweb studies, ``random`` (MONAI Label's) for folders
 ``cache_dir``                 app working files: training masks and datalists, train records
                               (default ``<app>/model/vlseg/<hash of studies path>``)
 ============================  ==========================================================================
@@ -113,18 +117,47 @@ class MyApp(MONAILabelApp):
             description="Text-prompted, uncertainty-aware segmentation served from MONAI bundles "
             "(UA-VLS, MedCLIPSeg, Simple-ViLMedSAM re-implementations).",
             version=vlseg.__version__,
-            labels=self.label_names,
+            # a list ordered by id: OHIF's MONAI Label panel appends the models' labels to it (a dict breaks it)
+            labels=[k for k, _ in sorted(self.label_names.items(), key=lambda kv: kv[1])],
         )
 
     # ------------------------------------------------------------------ tasks
     def init_datastore(self):
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            if settings.MONAI_LABEL_DATASTORE.lower() in ("xnat", "dsa"):
+                return super().init_datastore()
+            return self._init_vlseg_dicomweb()
         return PromptCheckingDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _init_vlseg_dicomweb(self):
+        """DICOMweb studies (OHIF / PACS): see lib/dicomweb.py. Unlike MONAI Label's own DICOMweb set-up this
+        downloads nothing at start-up (final labels are written as DICOM SEG with pydicom-seg, not dcmqi)."""
+        from monailabel.datastore.dicom import DICOMwebClientX
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        from lib.dicomweb import VlsegDICOMWebDatastore, search_filter_from
+
+        user, password = settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD
+        session = create_session_from_user_pass(user, password) if user and password else None
+        client = DICOMwebClientX(url=self.studies, session=session,
+                                 qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        logger.info("vlseg: DICOMweb studies %s (cache %s)", self.studies, cache or "~/.cache/monailabel/dicom")
+        return VlsegDICOMWebDatastore(
+            client=client,
+            search_filter=search_filter_from(self.conf.get("dicomweb_search_filter")),
+            cache_path=cache,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=True,
+            uncertainty_tag=self.uncertainty_tag,
+            publish_uncertainty=strtobool(self.conf.get("dicomweb_uncertainty_series", "true")),
         )
 
     def _skip(self, name: str, reason: str) -> None:
@@ -185,7 +218,26 @@ class MyApp(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        return {"uncertainty": MostUncertain(), "random": Random(), "first": First()}
+        strategies: Dict[str, Strategy] = {"uncertainty": MostUncertain(), "random": Random(), "first": First()}
+        # OHIF v3's MONAI Label panel (the build in monailabel 0.8.5) always asks for strategy "random": its
+        # strategy selector has no change handler. For DICOMweb studies (the OHIF set-up) "random" therefore
+        # serves the chosen strategy (default: the most uncertain image); MONAI Label's random stays available as
+        # "monai_random". --conf ohif_next_sample random keeps MONAI Label's behaviour.
+        default = "uncertainty" if self.studies.startswith(("http://", "https://")) else "random"
+        alias = (self.conf.get("ohif_next_sample") or default).strip()
+        if alias not in strategies:
+            logger.error("vlseg: ohif_next_sample %r is not a strategy (%s); keeping 'random'", alias, list(strategies))
+            alias = "random"
+        if alias != "random":
+            if alias == "uncertainty":
+                strategies["random"] = MostUncertain(description="Most uncertain unlabelled image (the OHIF v3 panel "
+                                                     "always requests 'random'; MONAI Label's random: 'monai_random')")
+            else:
+                strategies["random"] = strategies[alias]
+            strategies["monai_random"] = Random()
+            logger.info("vlseg: strategy 'random' serves %r (OHIF's Next Sample); MONAI Label's random is "
+                        "'monai_random'", alias)
+        return strategies
 
     def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
         if not self._infers:

@@ -31,6 +31,7 @@ __all__ = [
     "write_uncertainty_png16",
     "write_like_volume",
     "write_2d_nifti",
+    "write_nrrd_uint8",
     "npy_base64",
     "UNCERTAINTY_PNG_SCALE",
 ]
@@ -197,6 +198,42 @@ def write_2d_nifti(array_hw: np.ndarray, path, dtype) -> str:
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(np.ascontiguousarray(np.asarray(array_hw).T).astype(dtype), np.eye(4)), str(path))
+    return str(path)
+
+
+def write_nrrd_uint8(array: np.ndarray, path, affine=None, layout: str = "volume") -> str:
+    """A label map as an uncompressed (``encoding: raw``) uint8 NRRD, the format MONAI Label's OHIF v3 plugin
+    reads: it copies the raw voxels straight into its labelmap, x (column) fastest, then y (row), then slice.
+
+    ``layout="volume"``: ``array`` is a NIfTI voxel grid ``[i, j, k]`` (for a NIfTI made from a DICOM series by
+    SimpleITK: column, row, slice ascending along the normal); ``affine`` (RAS, nibabel) gives the NRRD space
+    (LPS). ``layout="2d"``: ``array`` is a row-major ``[row, col]`` image, written as one slice.
+    """
+    a = np.asarray(array).astype(np.uint8)
+    if layout == "2d":
+        if a.ndim != 2:
+            raise ValueError(f"expected a 2D mask, got shape {a.shape}")
+        sizes = (a.shape[1], a.shape[0], 1)
+        raw = np.ascontiguousarray(a).tobytes()  # column fastest
+        directions, origin = np.eye(3), np.zeros(3)
+    else:
+        if a.ndim != 3:
+            raise ValueError(f"expected a 3D mask, got shape {a.shape}")
+        sizes = a.shape
+        raw = a.tobytes(order="F")  # i fastest
+        aff = np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
+        ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+        directions, origin = (ras_to_lps @ aff[:3, :3]).T, ras_to_lps @ aff[:3, 3]
+    vec = lambda v: "(" + ",".join(f"{float(x):.10g}" for x in v) + ")"  # noqa: E731
+    header = ("NRRD0004\n# written by the vlseg MONAI Label app\ntype: uint8\ndimension: 3\n"
+              "space: left-posterior-superior\n"
+              f"sizes: {sizes[0]} {sizes[1]} {sizes[2]}\n"
+              f"space directions: {' '.join(vec(d) for d in directions)}\n"
+              "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+              f"space origin: {vec(origin)}\n\n")
+    with open(path, "wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(raw)
     return str(path)
 
 

@@ -20,11 +20,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["MostUncertain"]
 
 KEYS = ("vlseg_uncertainty_top5", "vlseg_uncertainty_mean", "vlseg_uncertainty_max")
+DICOM_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "PatientID", "StudyDate", "StudyTime", "RetrieveURL")
 
 
 class MostUncertain(Strategy):
-    def __init__(self, key: str = KEYS[0], top_k: int = 1, tie_tolerance: float = 1e-6):
-        super().__init__("Most uncertain unlabelled image (vlseg uncertainty scores; ties: least recently served)")
+    def __init__(self, key: str = KEYS[0], top_k: int = 1, tie_tolerance: float = 1e-6, description: str | None = None):
+        super().__init__(description or "Most uncertain unlabelled image (vlseg uncertainty scores; ties: least "
+                                        "recently served)")
         self.key = key
         self.top_k = int(top_k)
         self.tie_tolerance = float(tie_tolerance)
@@ -62,6 +64,10 @@ class MostUncertain(Strategy):
                     None if not scored else round(candidates[-1][1], 6), image_id, score, served)
         out = {"id": image_id, "score_key": key, "score": score, "candidates": len(candidates),
                "last_served_ts": served}
+        # DICOMweb datastores keep the series' DICOM identifiers in the image info: OHIF's next-sample dialog shows
+        # them and opens the study by its StudyInstanceUID
+        info = datastore.get_image_info(image_id) or {}
+        out.update({k: info[k] for k in DICOM_FIELDS if info.get(k) not in (None, "")})
         if not scored:
             out["note"] = "no uncertainty scores yet: run POST /scoring/uncertainty; served the least recently served image"
         return out

@@ -264,8 +264,8 @@ class TextBundleInferTask(BundleInferTask):
         check_config_values(request, list(getattr(self, "displayable_configs", {}) or {}))
         prompts = resolve_prompts(request, self.label_names, self._config.get("text") or self.default_prompt)
         ext = request.get("result_extension")
-        if ext not in (None, "", ".png", ".nii", ".nii.gz"):
-            raise RequestError(f"result_extension must be .png, .nii or .nii.gz, got {ext!r}")
+        if ext not in (None, "", ".png", ".nii", ".nii.gz", ".nrrd"):
+            raise RequestError(f"result_extension must be .png, .nii, .nii.gz or .nrrd, got {ext!r}")
         return {
             "prompts": prompts,
             "num_samples": parse_int(request, "num_samples", self.default_samples, 1, self.max_samples),
@@ -410,15 +410,21 @@ class TextBundleInferTask(BundleInferTask):
     # ------------------------------------------------------------------ outputs
     def _write(self, pred: Prediction, params: dict) -> tuple[str, str, dict]:
         if pred.kind == "volume":
-            label = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
+            nrrd = params.get("result_extension") == ".nrrd"  # MONAI Label's OHIF v3 plugin asks for .nrrd
+            label = tempfile.NamedTemporaryFile(suffix=".nrrd" if nrrd else ".nii.gz", delete=False).name
             unc = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-            imageio.write_like_volume(pred.ref, pred.mask, label, np.uint8)
+            if nrrd:
+                imageio.write_nrrd_uint8(pred.mask, label, affine=pred.ref.affine)
+            else:
+                imageio.write_like_volume(pred.ref, pred.mask, label, np.uint8)
             imageio.write_like_volume(pred.ref, pred.uncertainty, unc, np.float32)
             return label, unc, {"format": "nifti", "dtype": "float32", "scale": 1.0}
         ext = params.get("result_extension") or ".png"
         label = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
         if ext == ".png":
             imageio.write_mask_png(pred.mask, label)
+        elif ext == ".nrrd":
+            imageio.write_nrrd_uint8(pred.mask, label, layout="2d")
         else:
             imageio.write_2d_nifti(pred.mask, label, np.uint8)
         unc = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
@@ -438,6 +444,10 @@ class TextBundleInferTask(BundleInferTask):
                 self.datastore.save_label(image_id, unc_file, self.uncertainty_tag, label_info)
                 out.update(stored=True, label=image_id,
                            url=f"/datastore/label?label={image_id}&tag={self.uncertainty_tag}")
+                # a DICOMweb datastore also publishes the map as a DICOM series of the image's study (OHIF)
+                series = (self.datastore.get_label_info(image_id, self.uncertainty_tag) or {}).get("SeriesInstanceUID")
+                if series:
+                    out["dicom_series"] = series
             except Exception as e:  # a remote datastore may refuse extra tags: the caller can still ask inline
                 logger.warning("%s: could not store the uncertainty map for %s: %s", self.bundle_name, image_id, e)
                 out.update(stored=False, reason=str(e))

@@ -1,0 +1,505 @@
+"""Real viewers end to end: Orthanc (DICOMweb) + the vlseg MONAI Label app + OHIF v3 in headless Chromium.
+
+Everything is started by this module, on loopback ports, in temporary folders:
+
+1. the demo data (two 64x64 volumes, two 64x64 RGB images) is converted to DICOM and uploaded to a fresh Orthanc
+   with its DICOMweb plugin by ``scripts/dicom_demo.py`` (a CT-like series per volume, cut to 4 slices, and one
+   secondary-capture instance per image);
+2. the three bundles (uavls, medclipseg, vilmedsam; ``tiny`` variants with untrained weights: serving only needs
+   weights that fit) are served by ``monailabel start_server --studies http://127.0.0.1:<port>/dicom-web``;
+3. OHIF v3 (MONAI Label's own build, served at ``/ohif/``) is driven by Selenium in the system Chromium: study list
+   from Orthanc, the MONAI Label mode, the MONAI Label panel's model list, a class-prompt segmentation that must
+   land in OHIF's labelmap voxel for voxel as the server computed it, and the panel's *Next Sample* action;
+4. 3D Slicer's calls (``MONAILabelClient``: info, infer with params, save label, next sample, train) on the same
+   DICOMweb datastore.
+
+Skips (with the reason) only where Orthanc / its DICOMweb plugin, or Chromium / chromedriver / selenium, are not
+installed (``bash scripts/install_viewer_deps.sh`` installs them on Debian). ``VLSEG_UPDATE_DOCS_SCREENSHOT=1``
+also copies the viewer screenshot to ``docs/img/ohif_vlseg.png`` (the README's picture).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "vlseg"
+MODELS = ("medclipseg", "uavls", "vilmedsam")
+SLICES = 4
+LABELS = {"polyp": 1, "cyst": 2, "lesion": 3}
+# what OHIF's MONAI Label panel sends with every infer (extensions/monai-label MonaiLabelClient.infer)
+OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_compress": False,
+               "restore_label_idx": False}
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
+                 # WebGL through SwiftShader: OHIF's MPR viewports need it; headless Chromium has no GPU here
+                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+
+requests = pytest.importorskip("requests")
+
+from vlseg.dicom.orthanc import orthanc_missing, start_orthanc, stop_orthanc  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _real_bundles() -> list[Path]:
+    return [REPO / "bundles" / m for m in MODELS if (REPO / "bundles" / m / "configs" / "tiny.json").is_file()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stack: Orthanc + uploaded demo DICOM + the app over DICOMweb
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    why = orthanc_missing()
+    if why:
+        pytest.skip(f"viewer end-to-end: {why} (bash scripts/install_viewer_deps.sh)")
+    if len(_real_bundles()) != len(MODELS):
+        pytest.skip(f"viewer end-to-end: bundles {MODELS} with configs/tiny.json not all present")
+    from vlseg.app_support.server import start_server, stop_server
+    from vlseg.data.demo import generate_demo_dataset
+
+    t0 = time.time()
+    root = tmp_path_factory.mktemp("viewer_e2e")
+    generate_demo_dataset(root / "demo", seed=0, n_images=(4, 1, 2), image_size=64, n_volumes=2,
+                          volume_shape=(64, 64, 8))
+
+    # untrained tiny checkpoints in a copy of the bundles (one subprocess), while Orthanc starts and gets the data
+    bundles = root / "bundles"
+    for src in _real_bundles():
+        shutil.copytree(src, bundles / src.name, symlinks=True, ignore=shutil.ignore_patterns(
+            "*.pt", "*.ts", "runs", "eval", "__pycache__", "vlseg_checkpoint.json", "monailabel_train.json"))
+    ckpt_cmd = [sys.executable, "-m", "vlseg.app_support.checkpoints", "--variant", "tiny", "--random-init"]
+    for b in MODELS:
+        ckpt_cmd += ["--bundle", str(bundles / b)]
+    ckpt_log = open(root / "checkpoints.log", "w")
+    ckpt = subprocess.Popen(ckpt_cmd, stdout=ckpt_log, stderr=subprocess.STDOUT, cwd=str(REPO))
+
+    orthanc = start_orthanc(root / "orthanc")
+    server = None
+    try:
+        up = subprocess.run([sys.executable, str(REPO / "scripts" / "dicom_demo.py"),
+                             "--datalist", str(root / "demo" / "datalist.json"), "--out", str(root / "dicom"),
+                             "--images", "2", "--max-slices", str(SLICES), "--upload", orthanc.dicomweb],
+                            capture_output=True, text=True, timeout=300, cwd=str(REPO))
+        assert up.returncode == 0, up.stdout + up.stderr
+        manifest = json.loads((root / "dicom" / "manifest.json").read_text())
+        assert ckpt.wait(timeout=600) == 0, (root / "checkpoints.log").read_text()[-3000:]
+        ckpt_log.close()
+
+        app = root / "app"
+        shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+        conf = {"bundles_dir": bundles, "variant": "tiny", "scoring_model": "uavls", "scoring_samples": 2,
+                "scoring_prompts": "default", "train_epochs": 1}
+        t1 = time.time()
+        server = start_server(app, orthanc.dicomweb, conf, log_path=root / "server.log", timeout=300, env={
+            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false",
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "dicomweb_cache")})
+        print(f"\n[viewer_e2e] set-up {time.time() - t0:.0f}s (server start {time.time() - t1:.0f}s); "
+              f"Orthanc {orthanc.url}, server {server.url}")
+        yield {"root": root, "orthanc": orthanc, "server": server, "url": server.url, "manifest": manifest,
+               "demo": root / "demo"}
+    finally:
+        if server is not None:
+            stop_server(server)
+        stop_orthanc(orthanc)
+        for proc, log in ((ckpt, ckpt_log),):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if not log.closed:
+                log.close()
+
+
+def _vol(stack, i=0) -> dict:
+    return stack["manifest"]["volumes"][i]
+
+
+def _img(stack, i=0) -> dict:
+    return stack["manifest"]["images"][i]
+
+
+def _qido(stack, path: str, **params) -> list[dict]:
+    r = requests.get(f"{stack['orthanc'].dicomweb}/{path}", params=params, timeout=30)
+    assert r.status_code in (200, 204), r.text
+    return r.json() if r.content else []
+
+
+def _v(item: dict, tag: str):
+    v = item.get(tag, {}).get("Value")
+    return v[0] if v else None
+
+
+def _series_of_study(stack, study_uid: str) -> list[dict]:
+    return _qido(stack, f"studies/{study_uid}/series", includefield=["SeriesDescription", "Modality",
+                                                                       "NumberOfSeriesRelatedInstances"])
+
+
+def _read_nrrd(data: bytes) -> tuple[dict, np.ndarray]:
+    head, _, raw = data.partition(b"\n\n")
+    fields = dict(line.split(": ", 1) for line in head.decode().splitlines()[1:] if ": " in line)
+    sizes = [int(s) for s in fields["sizes"].split()]
+    assert fields["type"] == "uint8" and fields["encoding"] == "raw", fields
+    return fields, np.frombuffer(raw, np.uint8).reshape(sizes[::-1])  # [z, y, x], x fastest
+
+
+def _ohif_infer(stack, model: str, series: str, params: dict) -> bytes:
+    """POST /infer exactly as OHIF's MONAI Label panel does (multipart form field ``params``, output=image)."""
+    r = requests.post(f"{stack['url']}/infer/{model}", params={"image": series, "output": "image"},
+                      files={"params": (None, json.dumps({**params, **OHIF_PARAMS}))}, timeout=300)
+    assert r.status_code == 200, (r.status_code, r.text[:500], stack["server"].log_tail())
+    return r.content
+
+
+def _datastore(stack) -> dict:
+    r = requests.get(f"{stack['url']}/datastore/", params={"output": "all"}, timeout=30)
+    assert r.status_code == 200
+    return r.json()["objects"]
+
+
+def _retrieve_series(stack, study: str, series: str) -> list:
+    """Every instance of a series, through WADO-RS (dicomweb-client, as MONAI Label fetches them)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from vlseg.dicom.convert import sort_slices
+
+    return sort_slices(DICOMwebClient(url=stack["orthanc"].dicomweb).retrieve_series(study, series))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DICOM in Orthanc
+# ----------------------------------------------------------------------------------------------------------------
+def test_demo_dicom_is_in_orthanc(stack):
+    import nibabel as nib
+
+    studies = _qido(stack, "studies")
+    assert len(studies) == 4
+    vol = _vol(stack)
+    ct = _series_of_study(stack, vol["StudyInstanceUID"])
+    assert [(_v(s, "00080060"), _v(s, "00201209")) for s in ct] == [("CT", SLICES)]
+    # pixel round trip: WADO-RS instance k = demo volume slice vol[:, :, first + k] (stored = round(v * 1000))
+    source = np.asarray(nib.load(vol["source"]).dataobj, dtype=np.float64)
+    instances = _retrieve_series(stack, vol["StudyInstanceUID"], vol["SeriesInstanceUID"])
+    assert len(instances) == SLICES
+    for k, ds in enumerate(instances):
+        expected = np.clip(np.rint(source[:, :, vol["first_slice"] + k] * 1000), 0, 65535)
+        assert np.array_equal(ds.pixel_array, expected.astype(np.uint16))
+    z = [float(ds.ImagePositionPatient[2]) for ds in instances]
+    assert z == sorted(z) and len(set(z)) == SLICES
+    # the 2D image: an RGB secondary capture with the PNG's pixels
+    from PIL import Image
+
+    img = _img(stack)
+    (sc,) = _retrieve_series(stack, img["StudyInstanceUID"], img["SeriesInstanceUID"])
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.SamplesPerPixel == 3
+    assert np.array_equal(sc.pixel_array, np.asarray(Image.open(img["source"]).convert("RGB")))
+
+
+def test_app_lists_the_dicomweb_series(stack):
+    info = requests.get(f"{stack['url']}/info/", timeout=30).json()
+    assert sorted(info["models"]) == sorted(MODELS) and not info["vlseg"]["skipped"]
+    assert info["labels"] == ["polyp", "cyst", "lesion"]  # a list: OHIF's panel appends to it
+    assert info["datastore"]["total"] == 4  # 2 CT series + 2 secondary captures (CT-only was MONAI's default)
+    assert set(info["strategies"]) == {"uncertainty", "random", "first", "monai_random"}
+    assert info["strategies"]["random"]["description"].startswith("Most uncertain")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OHIF-style inference on Orthanc studies, each bundle; uncertainty as a DICOM series
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+def test_ohif_class_prompt_infer_returns_nrrd_and_an_uncertainty_series(stack, model):
+    import nibabel as nib
+
+    vol = _vol(stack)
+    fields, mask = _read_nrrd(_ohif_infer(stack, model, vol["SeriesInstanceUID"], {"label_prompt": [2]}))
+    assert mask.shape == (SLICES, 64, 64)
+    assert set(np.unique(mask)) <= {0, 2}  # the class id of "cyst", as the panel maps it back
+    assert fields["space"] == "left-posterior-superior"
+
+    # the map stays in the datastore (tag "uncertainty") ...
+    r = requests.get(f"{stack['url']}/datastore/label", params={"label": vol["SeriesInstanceUID"],
+                                                                "tag": "uncertainty"}, timeout=30)
+    assert r.status_code == 200
+    path = Path(tempfile.mkdtemp()) / "u.nii.gz"
+    path.write_bytes(r.content)
+    u = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    assert u.shape == (64, 64, SLICES) and 0.0 <= u.min() and u.max() <= 1.0
+    info = _datastore(stack)[vol["SeriesInstanceUID"]]["labels"]["uncertainty"]["info"]
+    assert info["model"] == model and info["prompt"] == "cyst"
+
+    # ... and is published to Orthanc as a derived series of the same study, one instance per slice
+    series = {_v(s, "0020000E"): s for s in _series_of_study(stack, vol["StudyInstanceUID"])}
+    unc_uid = info["SeriesInstanceUID"]
+    assert unc_uid in series
+    assert _v(series[unc_uid], "0008103E") == f"vlseg uncertainty {model} 'cyst'"
+    assert _v(series[unc_uid], "00080060") == "OT" and _v(series[unc_uid], "00201209") == SLICES
+    instances = _retrieve_series(stack, vol["StudyInstanceUID"], unc_uid)
+    ct = _retrieve_series(stack, vol["StudyInstanceUID"], vol["SeriesInstanceUID"])
+    for k, (ds, src) in enumerate(zip(instances, ct)):
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert list(ds.ImagePositionPatient) == list(src.ImagePositionPatient)
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        # NIfTI (SimpleITK layout: column, row, slice) -> DICOM rows x columns, stored value = u * 1000
+        np.testing.assert_allclose(ds.pixel_array * float(ds.RescaleSlope), u[:, :, k].T, atol=6e-4)
+
+
+def test_secondary_capture_2d_with_free_text(stack):
+    img = _img(stack)
+    r = requests.post(f"{stack['url']}/infer/uavls", params={"image": img["SeriesInstanceUID"], "output": "json"},
+                      files={"params": (None, json.dumps({"text": "bright round polyp", "num_samples": 2}))},
+                      timeout=120)
+    assert r.status_code == 200, r.text[:500]
+    out = r.json()
+    assert out["kind"] == "2d" and out["shape"] == [64, 64] and out["prompt"] == "bright round polyp"
+    assert out["uncertainty"]["stored"] is True
+    series = {_v(s, "0020000E"): s for s in _series_of_study(stack, img["StudyInstanceUID"])}
+    assert out["uncertainty"]["dicom_series"] in series
+    assert _v(series[out["uncertainty"]["dicom_series"]], "00201209") == 1
+    # the uncertainty series are not images of the datastore (never segmented or scored themselves)
+    info = requests.get(f"{stack['url']}/info/", timeout=30).json()
+    assert info["datastore"]["total"] == 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# active learning (scoring once for the module)
+# ----------------------------------------------------------------------------------------------------------------
+def _wait_task(stack, kind: str, timeout: float = 300) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = requests.get(f"{stack['url']}/{kind}/", timeout=30).json()
+        if st.get("status") not in ("RUNNING", "SUBMITTED"):
+            return st
+        time.sleep(1.0)
+    raise AssertionError(f"{kind} still running after {timeout:.0f} s:\n{stack['server'].log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def scored(stack):
+    r = requests.post(f"{stack['url']}/scoring/uncertainty", timeout=30)
+    assert r.status_code == 200, r.text
+    st = _wait_task(stack, "scoring")
+    assert st.get("status") == "DONE", st
+    return True
+
+
+def _expected_next(stack, strategy: str = "uncertainty") -> str:
+    """The unlabelled series with the highest ``vlseg_uncertainty_top5`` (README: ties go to the one served least
+    recently), computed from the datastore's image info."""
+    objects = _datastore(stack)
+    unlabelled = {k: v["image"]["info"] for k, v in objects.items() if "final" not in v["labels"]}
+    scores = {k: i.get("vlseg_uncertainty_top5") for k, i in unlabelled.items()}
+    assert len(scores) >= 3 and all(isinstance(s, float) for s in scores.values()), scores
+    top = max(scores.values())
+    tied = [k for k, v in scores.items() if v >= top - 1e-6]
+    served = {k: unlabelled[k].get("strategy", {}).get(strategy, {}).get("ts", 0) for k in tied}
+    return min(tied, key=lambda k: (served[k], k))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OHIF v3 in headless Chromium
+# ----------------------------------------------------------------------------------------------------------------
+def _chromium():
+    missing = [p for p in ("chromium", "chromedriver") if not shutil.which(p)]
+    if missing:
+        pytest.skip(f"viewer end-to-end (browser): {' and '.join(missing)} not installed "
+                    "(apt-get install chromium chromium-driver; bash scripts/install_viewer_deps.sh)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("viewer end-to-end (browser): the selenium package is not installed (requirements.txt)")
+    opts = Options()
+    opts.binary_location = shutil.which("chromium")
+    for a in CHROMIUM_ARGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='vlseg_chromium_')}"]:
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+
+
+_LABELMAP_JS = """
+const seg = window.services.segmentationService;
+const vol = seg.getLabelmapVolume('1');
+if (!vol) { return null; }
+const a = vol.voxelManager.getCompleteScalarDataArray();
+const s = seg.getSegmentation('1');
+return {dims: vol.dimensions, data: Array.from(a),
+        segments: Object.values((s && s.segments) || {}).filter(Boolean).map(x => [x.segmentIndex, x.label])};
+"""
+
+
+def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, scored, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    driver = _chromium()
+    url = stack["url"]
+    vol = _vol(stack, 1)
+    shot = tmp_path / "ohif_vlseg.png"
+    try:
+        wait = WebDriverWait(driver, 90)
+        body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+
+        # 1. the study list comes from Orthanc through MONAI Label's DICOMweb proxy
+        driver.get(f"{url}/ohif/")
+        wait.until(lambda d: "Demo, vol_001" in body())
+        for name in ("Demo, vol_000", "Demo, vol_001", "Demo, test_0000", "Demo, test_0001"):
+            assert name in body()
+        # the panel reads the server address from this cookie (default: <host>:8000)
+        driver.execute_script("document.cookie = 'MONAILABEL_SERVER_URL=' + escape(arguments[0]) + '; path=/';",
+                              url + "/")
+
+        # 2. open the study: its row lists the modes; MONAI Label's mode is valid for CT
+        driver.find_element(By.XPATH, "//*[text()='Demo, vol_001']").click()
+        wait.until(lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='MONAI Label']"))
+        driver.find_element(By.XPATH, "//button[normalize-space()='MONAI Label']").click()
+        wait.until(lambda d: "/ohif/monai-label" in d.current_url)
+        assert vol["StudyInstanceUID"] in driver.current_url
+        wait.until(lambda d: d.find_elements(By.ID, "monailabelServerURL"))
+        for b in driver.find_elements(By.XPATH, "//button[normalize-space()='Confirm and Hide']"):
+            b.click()
+        wait.until(lambda d: "vlseg-demo-vol_001" in body())
+
+        # 3. connect: the panel lists the product's models
+        assert driver.find_element(By.ID, "monailabelServerURL").get_attribute("value") == url + "/"
+        connect = driver.find_element(By.XPATH, "//input[@id='monailabelServerURL']/ancestor::tr//button")
+        driver.execute_script("arguments[0].click()", connect)
+        wait.until(lambda d: d.find_elements(By.XPATH, "//label[normalize-space()='Class Prompts']"))
+        assert "vlseg - text-prompted segmentation with uncertainty" in body()
+        xp = "//label[normalize-space()='{}']/following-sibling::div[contains(@class,'tab-content')]"
+        for tab in ("Auto-Segmentation", "Class Prompts"):
+            sel = driver.find_element(By.XPATH, xp.format(tab)).find_element(By.CSS_SELECTOR, "select.selectBox")
+            assert sorted(o.get_attribute("value") for o in Select(sel).options) == sorted(MODELS)
+
+        # 4. class prompt "polyp" with uavls; the app maps the class id to the word and returns an NRRD
+        driver.find_element(By.XPATH, "//label[normalize-space()='Class Prompts']").click()
+        tab = driver.find_element(By.XPATH, xp.format("Class Prompts"))
+        Select(tab.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_value("uavls")
+        boxes = {r.find_elements(By.TAG_NAME, "td")[-1].text: r for r in tab.find_elements(By.CSS_SELECTOR,
+                                                                                          "table.optionsTable tr")}
+        assert {"polyp", "cyst", "lesion"} <= set(boxes)
+        boxes["polyp"].find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
+        t0 = time.time()
+        tab.find_element(By.XPATH, ".//button[normalize-space()='Run']").click()
+        WebDriverWait(driver, 240).until(lambda d: "Run Class Based Inference - Successful" in body()
+                                         or "Failed to Run Class Based Inference" in body())
+        assert "Run Class Based Inference - Successful" in body()
+        infer_s = time.time() - t0
+        time.sleep(1.0)  # let the viewport render the labelmap
+
+        # 5. page state: OHIF's labelmap holds the server's mask voxel for voxel, under the panel's "polyp" segment
+        state = driver.execute_script(_LABELMAP_JS)
+        assert state is not None, "OHIF has no labelmap volume after the inference"
+        segments = {label: idx for idx, label in state["segments"]}
+        assert {"polyp", "cyst", "lesion"} <= set(segments)
+        labelmap = np.asarray(state["data"], np.uint8).reshape(state["dims"][::-1])
+        _, expected = _read_nrrd(_ohif_infer(stack, "uavls", vol["SeriesInstanceUID"], {"label_prompt": [1]}))
+        assert expected.any(), "the model segmented nothing: nothing to show"
+        assert labelmap.shape == expected.shape
+        assert set(np.unique(labelmap)) <= {0, segments["polyp"]}
+        assert np.array_equal(labelmap == segments["polyp"], expected == 1)
+        driver.save_screenshot(str(shot))
+
+        # 6. active learning: the panel's Next Sample gives the most uncertain series. (This panel build always
+        # requests strategy "random" -- its strategy selector has no change handler -- so for DICOMweb studies
+        # the app answers "random" with the most-uncertain strategy; README, --conf ohif_next_sample.)
+        driver.find_element(By.XPATH, "//label[normalize-space()='Active Learning']").click()
+        al = driver.find_element(By.XPATH, xp.format("Active Learning"))
+        Select(al.find_element(By.CSS_SELECTOR, "select.actionInput")).select_by_value("uncertainty")
+        expected_next = _expected_next(stack, "random")  # before the request: serving updates its "served" time
+        al.find_element(By.XPATH, ".//button[normalize-space()='Next Sample']").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".nextSampleForm"))
+        form = driver.find_element(By.CSS_SELECTOR, ".nextSampleForm").text
+        assert f"Series Instance UID {expected_next}" in form
+        next_info = _datastore(stack)[expected_next]["image"]["info"]
+        assert f"Study Instance UID {next_info['StudyInstanceUID']}" in form
+        print(f"\n[viewer_e2e] OHIF class-prompt inference {infer_s:.1f}s; screenshot {shot}")
+    except Exception:
+        driver.save_screenshot(str(tmp_path / "failure.png"))
+        logs = "\n".join(e["message"][:300] for e in driver.get_log("browser") if e["level"] in ("SEVERE",))
+        print(f"[viewer_e2e] failure screenshot {tmp_path / 'failure.png'}\nbrowser errors:\n{logs}")
+        raise
+    finally:
+        driver.quit()
+    assert shot.stat().st_size > 10_000
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("RGB"), dtype=np.int32)
+    # the labelmap is drawn in the segment's colour (green for "polyp" in the panel's palette): many pixels where
+    # green clearly dominates, which the grey CT alone never gives
+    greenish = (a[:, :, 1] - np.maximum(a[:, :, 0], a[:, :, 2])) > 40
+    assert greenish.sum() > 2000, greenish.sum()
+    if os.environ.get("VLSEG_UPDATE_DOCS_SCREENSHOT") == "1":
+        (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, REPO / "docs" / "img" / "ohif_vlseg.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3D Slicer's path: the MONAILabel module's client calls, on the same DICOMweb datastore
+# ----------------------------------------------------------------------------------------------------------------
+def test_slicer_module_calls_on_dicomweb(stack, scored, tmp_path):
+    import nibabel as nib
+    from monailabel.client import MONAILabelClient
+
+    c = MONAILabelClient(stack["url"], tmpdir=str(tmp_path))
+    vol = _vol(stack, 0)
+    series = vol["SeriesInstanceUID"]
+
+    # info: models, their labels and the options table values (the text prompt lives there)
+    info = c.info()
+    assert set(MODELS) <= set(info["models"])
+    assert info["models"]["uavls"]["labels"] == LABELS
+    assert info["models"]["uavls"]["config"]["text"] == "polyp"
+
+    # next sample (strategy "uncertainty") -> the most uncertain series, with its DICOM identifiers
+    expected = _expected_next(stack)
+    sample = c.next_sample("uncertainty", {})
+    assert sample["id"] == expected and sample["StudyInstanceUID"] and sample["SeriesInstanceUID"] == expected
+
+    # infer with the options-table params (text prompt edited in the table)
+    params = dict(info["models"]["uavls"]["config"], text="dark oval cyst", num_samples=2)
+    result_file, out = c.infer("uavls", series, params)
+    assert out["prompt"] == "dark oval cyst" and out["label_names"] == {"dark oval cyst": 1}
+    seg = nib.load(result_file)
+    assert seg.shape == (64, 64, SLICES)
+
+    # save label: the module exports the (edited) segmentation as NIfTI with the segment names in label_info
+    demo_label = sorted(Path(vol["source"]).parent.parent.glob(f"volume_labels/{vol['name']}_obj*.nii.gz"))[0]
+    obj = np.asarray(nib.load(str(demo_label)).dataobj)[:, :, vol["first_slice"]:vol["first_slice"] + SLICES]
+    label = (obj.transpose(1, 0, 2) > 0).astype(np.uint8)  # demo [row, col, k] -> the image's (column, row, k)
+    assert label.any()
+    label_path = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(label, seg.affine), str(label_path))
+    saved = c.save_label(series, str(label_path), tag="final",
+                         params={"label_info": [{"name": "polyp", "idx": 1}]})
+    assert saved
+    # -> a DICOM SEG in Orthanc, referencing the CT series
+    segs = [s for s in _series_of_study(stack, vol["StudyInstanceUID"]) if _v(s, "00080060") == "SEG"]
+    assert len(segs) == 1
+    (seg_ds,) = _retrieve_series(stack, vol["StudyInstanceUID"], _v(segs[0], "0020000E"))
+    assert seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert seg_ds.SegmentSequence[0].SegmentLabel == "polyp"
+    assert int(np.count_nonzero(seg_ds.pixel_array)) == int(label.sum())
+    assert _datastore(stack)[series]["labels"]["final"]["info"]["label_info"] == [{"name": "polyp", "idx": 1}]
+    assert c.next_sample("uncertainty", {})["id"] != series  # labelled now
+
+    # train: server-side training from the DICOMweb datastore (the SEG + the saved segment name as prompt)
+    before = info["models"]["uavls"]["vlseg"]["checkpoint"]["sha256"]
+    c.train_start("uavls", {"max_epochs": 1})
+    st = _wait_task(stack, "train", timeout=400)
+    assert st.get("status") == "DONE", (st, stack["server"].log_tail())
+    after = c.info()["models"]["uavls"]["vlseg"]["checkpoint"]["sha256"]
+    assert after != before
