@@ -306,6 +306,10 @@ def test_oversize_upload_gets_413_and_nothing_is_written(server):
     assert "max_upload_bytes" in detail and str(MAX_UPLOAD) in detail, detail
     assert _new_temp_files(server, temp) == []
     assert _studies_snapshot(server) == before
+    # the limit guards every upload endpoint, label saves included
+    r = _save_label(server, "img_0", data)
+    assert r.status_code == 413 and "max_upload_bytes" in r.json()["detail"], r.text[:500]
+    assert _new_temp_files(server, temp) == [] and _studies_snapshot(server) == before
     # the server answers the next valid request
     r = _by_id(server, "img_0", {"text": "polyp", "num_samples": 2, "seed": 1})
     assert r.status_code == 200, r.text[:500]
