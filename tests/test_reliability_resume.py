@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -152,6 +153,8 @@ def killed_and_resumed(tiny_demo, tmp_path_factory) -> dict:
         for b, r in res.items():
             full = sorted((r["work"] / "models").glob("*checkpoint_epoch=*.pt"))
             r["checkpoints_after_kill"] = full
+            if full:  # what was on disk at the kill, kept aside: the resumed run may rotate its checkpoints
+                shutil.copy2(full[-1], r["work"] / "at_kill_checkpoint.pt")
             key = _resume_key(r["bundle_dir"])
             if r["first_rc"] == -signal.SIGKILL and len(full) == 1 and key:
                 second[b] = _start(r["bundle_dir"], r["work"], "second", tiny_demo, probe_path, 0, {key: str(full[0])})
@@ -208,7 +211,7 @@ def test_sigkill_mid_epoch_then_resume_continues_from_the_checkpoint(bundle, kil
     full = r["checkpoints_after_kill"]
     assert [p.name.rsplit("=", 1)[1] for p in full] == ["1.pt"], f"expected only the epoch-1 checkpoint: {full}"
     assert not [p for p in models.iterdir() if p.name.startswith("tmp")], "a half-written checkpoint was left"
-    ckpt = torch.load(full[0], map_location="cpu", weights_only=False)
+    ckpt = torch.load(work / "at_kill_checkpoint.pt", map_location="cpu", weights_only=False)
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(ckpt), sorted(ckpt)
     epoch_length = ckpt["trainer"]["epoch_length"]
     assert ckpt["trainer"]["iteration"] == epoch_length >= KILL_AT + 1, ckpt["trainer"]
