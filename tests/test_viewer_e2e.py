@@ -425,6 +425,11 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         assert f"Series Instance UID {expected_next}" in form
         next_info = _datastore(stack)[expected_next]["image"]["info"]
         assert f"Study Instance UID {next_info['StudyInstanceUID']}" in form
+
+        # 7. the uncertainty map is a series of the study: reopening the study lists it in OHIF's study browser
+        viewer = driver.current_url
+        driver.get(viewer)
+        wait.until(lambda d: "vlseg uncertainty uavls 'polyp'" in body())
         print(f"\n[viewer_e2e] OHIF class-prompt inference {infer_s:.1f}s; screenshot {shot}")
     except Exception:
         driver.save_screenshot(str(tmp_path / "failure.png"))
