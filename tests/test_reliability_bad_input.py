@@ -357,6 +357,13 @@ def test_failed_uploads_leave_no_temporary_files(server):
                        ("bomb.png", _png_header_claiming(20000, 20000))):
         assert _upload(server, name, data).status_code in (413, 422)
     assert _new_temp_files(server, temp) == []
+    # refused label saves too (unreadable label, wrong shape, bad prompt): the datastore deletes the upload
+    wrong_shape = _png(np.zeros((17, 23), dtype=np.uint8))
+    for data, info in ((b"not a png", {"text": "polyp"}), (wrong_shape, {"text": "polyp"}),
+                       (_png(np.zeros((64, 64), dtype=np.uint8)), {"text": "\x00\x01"})):
+        r = _save_label(server, "img_0", data, params=info)
+        assert 400 <= r.status_code < 500, r.text[:300]
+    assert _new_temp_files(server, temp) == []
 
 
 def test_max_upload_bytes_values():
