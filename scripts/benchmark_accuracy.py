@@ -19,11 +19,12 @@ import json
 import time
 from pathlib import Path
 
-from vlseg.bench.bundles import find_bundles, load_bundle_model, variant_label
+from vlseg.bench.bundles import load_bundle_model
 from vlseg.bench.cli import base_parser, command_line, log, out_dir
 from vlseg.bench.data import BenchData, cache_dir, resolve_data, subset_items, write_datalist
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, bar_plot, line_plot
+from vlseg.bundles import find_bundles, variant_label
 
 
 def parse_args(argv=None):

@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from vlseg.bench.active import AppActiveLearner, AppUnavailable, item_key
-from vlseg.bench.bundles import find_bundles, load_bundle_model, variant_label
+from vlseg.bench.bundles import load_bundle_model
 from vlseg.bench.cli import base_parser, command_line, log, out_dir
 from vlseg.bench.data import cache_dir, resolve_data, write_datalist
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, line_plot
 from vlseg.bench.train import train_bundle
+from vlseg.bundles import find_bundles, variant_label
 
 
 def parse_args(argv=None):

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlseg.bench.bundles import find_bundles, variant_label
+from vlseg.bundles import find_bundles, variant_label
 from vlseg.bench.cli import base_parser, command_line, log, out_dir
 from vlseg.bench.report import Report, bar_plot
 from vlseg.bench.speed import matmul_gflops

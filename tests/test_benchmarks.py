@@ -17,7 +17,7 @@ PARTS = ("speed", "accuracy", "prompts", "uncertainty", "active_learning")
 
 
 def _bundle_names() -> list[str]:
-    from vlseg.bench.bundles import find_bundles
+    from vlseg.bundles import find_bundles
 
     return [b.name for b in find_bundles(REPO / "bundles") if (b / "configs" / "tiny.json").is_file()
             and (b / "configs" / "train.json").is_file()]

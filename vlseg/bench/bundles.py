@@ -1,104 +1,23 @@
 """Build a bundle's network, preprocessing, tokenizer and inferer from its own configs (``monai.bundle``).
 
-Every bundle has its own ``scripts`` package, so loading one puts its folder first on ``sys.path`` and drops any
-previously imported ``scripts`` modules (before and after), which lets several bundles be built in one process.
-The paper configuration is ``configs/inference.json`` alone; a variant (``small``, ``tiny``) adds
-``configs/<variant>.json`` on top.
+Finding bundles, their variant files and importing their ``scripts`` package is :mod:`vlseg.bundles` (shared with
+the MONAI Label app support). The paper configuration is ``configs/inference.json`` alone; a variant (``small``,
+``tiny``) adds ``configs/<variant>.json`` on top.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlseg.bench.report import repo_root
+from vlseg.bundles import bundle_context, load_parser, variant_label
 
-__all__ = [
-    "BundleModel",
-    "find_bundles",
-    "bundle_context",
-    "config_files",
-    "load_parser",
-    "load_bundle_model",
-    "find_transform",
-    "variant_label",
-]
-
-PAPER = "paper"
-
-
-def variant_label(variant: str | None) -> str:
-    return PAPER if variant in (None, "", PAPER) else str(variant)
-
-
-def find_bundles(bundles_dir: Path | None = None, names: Sequence[str] | None = None) -> list[Path]:
-    """Bundle folders (those with ``configs/inference.json``), sorted by name, optionally filtered by ``names``."""
-    bundles_dir = Path(bundles_dir) if bundles_dir is not None else repo_root() / "bundles"
-    found = sorted(p for p in bundles_dir.iterdir() if (p / "configs" / "inference.json").is_file()) if bundles_dir.is_dir() else []
-    if names:
-        wanted = list(names)
-        by_name = {p.name: p for p in found}
-        missing = [n for n in wanted if n not in by_name]
-        if missing:
-            raise FileNotFoundError(f"bundles {missing} not found (or without configs/inference.json) in {bundles_dir}; "
-                                    f"available: {sorted(by_name)}")
-        return [by_name[n] for n in wanted]
-    return found
-
-
-def _drop_scripts_modules() -> None:
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
-
-
-@contextlib.contextmanager
-def bundle_context(bundle_root: Path) -> Iterator[None]:
-    """Make ``import scripts`` resolve to this bundle's package for the duration of the block."""
-    root = str(Path(bundle_root).resolve())
-    _drop_scripts_modules()
-    sys.path.insert(0, root)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(root)
-        _drop_scripts_modules()
-
-
-def config_files(bundle_root: Path, variant: str | None = None, base: str = "inference.json",
-                 extra: Sequence[str] = ()) -> list[str]:
-    root = Path(bundle_root)
-    files = [root / "configs" / base]
-    files += [root / "configs" / e for e in extra]
-    if variant_label(variant) != PAPER:
-        vf = root / "configs" / f"{variant}.json"
-        if not vf.is_file():
-            raise FileNotFoundError(f"{root.name}: no variant file {vf}")
-        files.append(vf)
-    return [str(f) for f in files]
-
-
-def load_parser(bundle_root: Path, variant: str | None = None, base: str = "inference.json",
-                extra: Sequence[str] = (), overrides: Mapping[str, Any] | None = None):
-    """A ``ConfigParser`` over ``configs/<base>`` (+ ``extra``) (+ ``configs/<variant>.json``) with ``bundle_root`` set."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_files(bundle_root, variant, base, extra))
-    meta = Path(bundle_root) / "configs" / "metadata.json"
-    if meta.is_file():
-        parser.read_meta(str(meta))
-    parser["bundle_root"] = str(Path(bundle_root).resolve())
-    for k, v in (overrides or {}).items():
-        parser[k] = v
-    return parser
+__all__ = ["BundleModel", "load_bundle_model", "find_transform"]
 
 
 def find_transform(transform, cls_name: str):

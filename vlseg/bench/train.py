@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlseg.bench.bundles import PAPER, bundle_context, load_parser, variant_label
+from vlseg.bundles import bundle_context, config_files, load_parser, variant_label
 
 __all__ = ["TrainResult", "train_bundle", "copy_bundle", "REQUIRED_KEYS"]
 
@@ -71,10 +71,7 @@ def _cli_value(v: Any) -> str:
 
 
 def _train_files(root: Path, variant: str | None) -> list[str]:
-    files = [root / "configs" / "train.json"]
-    if variant_label(variant) != PAPER:
-        files.append(root / "configs" / f"{variant}.json")
-    return [str(f) for f in files]
+    return [str(f) for f in config_files(root, "train", variant)]
 
 
 def _run_in_process(copy: Path, variant: str | None, overrides: Mapping[str, Any], log: Path) -> int:

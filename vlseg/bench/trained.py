@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlseg.bench.bundles import PAPER, find_bundles
+from vlseg.bundles import PAPER, checkpoint_path, find_bundles, read_checkpoint_record
 
 __all__ = ["TrainedModel", "trained_models"]
 
@@ -51,15 +51,10 @@ def trained_models(bundles_dir: Path, names=None, from_accuracy: Path | None = N
             m = acc[name]
             out.append(TrainedModel(name, root, m["variant"], Path(m["checkpoint"]), f"accuracy benchmark ({from_accuracy})"))
             continue
-        ckpt = root / "models" / "model.pt"
+        ckpt = checkpoint_path(root)
         if ckpt.is_file():
-            v = variant
-            rec = root / "models" / "vlseg_checkpoint.json"
-            if rec.is_file():
-                try:
-                    v = json.loads(rec.read_text()).get("variant") or PAPER
-                except ValueError:
-                    pass
+            rec = read_checkpoint_record(root)
+            v = (rec.get("variant") or PAPER) if rec else variant
             out.append(TrainedModel(name, root, v, ckpt, "bundle models/model.pt"))
         else:
             out.append(TrainedModel(name, root, variant, None, "none",
