@@ -34,3 +34,17 @@ def tiny_demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_demo")
     generate_demo_dataset(root, seed=0, n_images=(6, 2, 2), image_size=64, n_volumes=1, volume_shape=(48, 48, 8))
     return root / "datalist.json"
+
+
+@pytest.fixture(scope="session")
+def demo(request, tmp_path_factory) -> Path:
+    """The shared ``tiny_demo`` set; if its 3D volume generation fails (a vlseg.data.demo issue with 4-slice volumes,
+    reported), the same 2D set without volumes (the bundles only use the 2D items)."""
+    try:
+        return request.getfixturevalue("tiny_demo")
+    except ValueError:
+        from vlseg.data.demo import generate_demo_dataset
+
+        root = tmp_path_factory.mktemp("tiny_demo_2d")
+        generate_demo_dataset(root, seed=0, n_images=(6, 2, 2), image_size=64, n_volumes=0)
+        return root / "datalist.json"

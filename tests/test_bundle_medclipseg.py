@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,35 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from vlseg.bench.bundles import bundle_context
+from bundle_cli import SCHEMA, BundleCLI
+from vlseg.bundles import bundle_context
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "medclipseg"
-CONFIGS = BUNDLE / "configs"
-SCHEMA = Path(__import__("vlseg").__file__).resolve().parent / "assets" / "bundle_meta_schema.json"
+CLI = BundleCLI("medclipseg")
+BUNDLE, CONFIGS = CLI.root, CLI.configs
 
 TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
     "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 2},
 }
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _cfg(*names: str) -> str:
-    return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
-
-
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=str(BUNDLE), env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +40,6 @@ def mcs():
 
         yield SimpleNamespace(network=scripts.network, losses=scripts.losses, data=scripts.data,
                               handlers=scripts.handlers)
-
-
-@pytest.fixture(scope="module")
-def demo(request, tmp_path_factory) -> Path:
-    """The shared ``tiny_demo`` set; if the shared generator fails for its tiny volumes, the same 2D images alone."""
-    try:
-        return request.getfixturevalue("tiny_demo")
-    except ValueError:  # vlseg.data.demo cannot place objects in 4-slice volumes (reported to the lead)
-        from vlseg.data.demo import generate_demo_dataset
-
-        root = tmp_path_factory.mktemp("mcs_tiny_demo")
-        generate_demo_dataset(root, seed=0, n_images=(6, 2, 2), image_size=64, n_volumes=0)
-        return root / "datalist.json"
 
 
 def tiny_net(mcs, **kw):
@@ -470,10 +436,8 @@ def test_verify_net_in_out(mcs):
 def trained(demo, tmp_path_factory) -> Path:
     """Train the tiny variant for one epoch with the real CLI; returns the run folder (models/model.pt inside)."""
     out = tmp_path_factory.mktemp("mcs_train")
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", _cfg("train.json", "tiny.json"),
-          "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-          "--bundle_root", str(BUNDLE), "--datalist", str(demo), "--output_dir", str(out),
-          "--ckpt_dir", str(out / "models"), "--max_epochs", "1"])
+    CLI.run(CLI.bundle_run("train.json", "tiny.json", bundle_root=BUNDLE, datalist=demo, output_dir=out,
+                           ckpt_dir=out / "models", max_epochs=1))
     return out
 
 
@@ -554,11 +518,8 @@ def test_inference_single_image_with_text(trained, demo):
 
 
 def test_multi_gpu_train_torchrun_cpu(demo, tmp_path):
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-          "run", "--config_file", _cfg("train.json", "multi_gpu_train.json", "tiny.json"),
-          "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-          "--bundle_root", str(BUNDLE), "--datalist", str(demo), "--output_dir", str(tmp_path),
-          "--ckpt_dir", str(tmp_path / "models"), "--max_epochs", "1"], timeout=400)
+    CLI.run(CLI.bundle_run("train.json", "multi_gpu_train.json", "tiny.json", nproc=2, bundle_root=BUNDLE,
+                           datalist=demo, output_dir=tmp_path, ckpt_dir=tmp_path / "models", max_epochs=1), timeout=400)
     assert (tmp_path / "models" / "model.pt").is_file()
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped from DDP

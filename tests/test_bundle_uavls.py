@@ -11,38 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vlseg.bench.bundles import bundle_context
+from bundle_cli import SCHEMA, BundleCLI
+from vlseg.bundles import bundle_context
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "uavls"
-CONFIGS = BUNDLE / "configs"
-SCHEMA = Path(__import__("vlseg").__file__).resolve().parent / "assets" / "bundle_meta_schema.json"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _cfg(*names: str) -> str:
-    return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
-
-
-def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=str(BUNDLE), env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+CLI = BundleCLI("uavls")
+BUNDLE, CONFIGS = CLI.root, CLI.configs
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +58,7 @@ def _tokens(texts, spec="cxr-bert"):
 @pytest.fixture(scope="module")
 def trained(tiny_demo, tmp_path_factory):
     """Train the tiny variant with the real CLI (1 epoch); returns (checkpoint dir, output dir)."""
-    root = tmp_path_factory.mktemp("uavls_train")
-    ckpt, out = root / "models", root / "eval"
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", _cfg("train.json", "tiny.json"),
-          "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-          "--datalist", str(tiny_demo), "--ckpt_dir", str(ckpt), "--output_dir", str(out)])
-    return ckpt, out
+    return CLI.train_tiny(tmp_path_factory.mktemp("uavls_train"), tiny_demo, output="eval")
 
 
 def test_train_cli_writes_checkpoints_curve_and_metrics(trained):
@@ -180,12 +154,9 @@ def test_verify_net_in_out(sm):
 
 
 def test_multi_gpu_config_torchrun_two_processes_gloo(tiny_demo, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "--config_file", _cfg("train.json", "multi_gpu_train.json", "tiny.json"),
-           "--meta_file", str(CONFIGS / "metadata.json"), "--datalist", str(tiny_demo),
-           "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
-    proc = _run(cmd, timeout=300)
+    cmd = CLI.bundle_run("train.json", "multi_gpu_train.json", "tiny.json", nproc=2, logging_file=False,
+                         datalist=tiny_demo, ckpt_dir=tmp_path / "models", output_dir=tmp_path / "eval")
+    proc = CLI.run(cmd, timeout=300)
     assert (tmp_path / "models" / "model.pt").is_file()
     report = json.loads((tmp_path / "eval" / "train_metrics.json").read_text())
     assert report["epochs_completed"] == 1

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,29 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from vlseg.bench.bundles import bundle_context
+from bundle_cli import SCHEMA, BundleCLI
+from vlseg.bundles import bundle_context
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "vilmedsam"
-CONFIGS = BUNDLE / "configs"
-SCHEMA = Path(__import__("vlseg").__file__).resolve().parent / "assets" / "bundle_meta_schema.json"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(BUNDLE), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _cfg(*names: str) -> str:
-    return "[" + ",".join(f"'{CONFIGS / n}'" for n in names) + "]"
-
-
-def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=str(BUNDLE), env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+CLI = BundleCLI("vilmedsam", timeout=240)
+BUNDLE, CONFIGS = CLI.root, CLI.configs
 
 
 @pytest.fixture(scope="module")
@@ -75,28 +55,9 @@ def _tokens(texts, length=16):
 
 
 @pytest.fixture(scope="module")
-def demo(request, tmp_path_factory) -> Path:
-    """The shared ``tiny_demo`` set; if its 3D volume generation fails (a vlseg.data.demo issue with 4-slice
-    volumes, reported), the same 2D set without volumes (this bundle only uses the 2D items)."""
-    try:
-        return request.getfixturevalue("tiny_demo")
-    except ValueError:
-        from vlseg.data.demo import generate_demo_dataset
-
-        root = tmp_path_factory.mktemp("vilmedsam_demo")
-        generate_demo_dataset(root, seed=0, n_images=(6, 2, 2), image_size=64, n_volumes=0)
-        return root / "datalist.json"
-
-
-@pytest.fixture(scope="module")
 def trained(demo, tmp_path_factory):
     """Train the tiny variant with the real CLI; returns (checkpoint dir, output dir)."""
-    root = tmp_path_factory.mktemp("vilmedsam_train")
-    ckpt, out = root / "models", root / "runs"
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", _cfg("train.json", "tiny.json"),
-          "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-          "--datalist", str(demo), "--ckpt_dir", str(ckpt), "--output_dir", str(out)])
-    return ckpt, out
+    return CLI.train_tiny(tmp_path_factory.mktemp("vilmedsam_train"), demo, output="runs")
 
 
 def test_train_cli_writes_checkpoints_and_reports(trained):
@@ -167,8 +128,8 @@ def test_inference_in_process_datalist_and_single_image(trained, demo, tmp_path,
 
 
 def test_verify_metadata():
-    _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
-          "--filepath", str(SCHEMA)], timeout=120)
+    CLI.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+             "--filepath", str(SCHEMA)], timeout=120)
 
 
 def test_verify_net_in_out(scripts_mod):
@@ -183,12 +144,9 @@ def test_verify_net_in_out(scripts_mod):
 
 
 def test_multi_gpu_config_torchrun_two_processes_gloo(demo, tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-           "run", "--config_file", _cfg("train.json", "multi_gpu_train.json", "tiny.json"),
-           "--meta_file", str(CONFIGS / "metadata.json"), "--datalist", str(demo),
-           "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "runs")]
-    proc = _run(cmd, timeout=300)
+    cmd = CLI.bundle_run("train.json", "multi_gpu_train.json", "tiny.json", nproc=2, logging_file=False,
+                         datalist=demo, ckpt_dir=tmp_path / "models", output_dir=tmp_path / "runs")
+    proc = CLI.run(cmd, timeout=300)
     assert (tmp_path / "models" / "model.pt").is_file()
     report = json.loads((tmp_path / "runs" / "metrics.json").read_text())
     assert report["epochs_completed"] == 1
