@@ -12,15 +12,14 @@ cannot change its answer).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vlseg.bench.cli import base_parser, command_line, log, out_dir
-from vlseg.bench.data import EXTRA_VARIANTS, PROMPT_LEVELS, TEST_VARIANTS, resolve_data
+from vlseg.bench.cli import base_parser, command_line, log
+from vlseg.bench.data import EXTRA_VARIANTS, PROMPT_LEVELS, TEST_VARIANTS
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, bar_plot, default_out_dir, line_plot
 from vlseg.bench.runner import load_trained
-from vlseg.bench.trained import trained_models
+from vlseg.bench.trained import start_trained_benchmark, trained_models
 
 
 def parse_args(argv=None):
@@ -41,14 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = out_dir(args)
-    acc = json.loads(args.from_accuracy.read_text()) if args.from_accuracy and args.from_accuracy.is_file() else {}
-    dl = args.datalist or ((acc.get("data") or {}).get("datalist") if acc else None)
-    data = resolve_data(dl, quick=args.quick, limits={"test": args.max_test} if args.max_test else None)
+    out, data, acc = start_trained_benchmark(args)
     rep = Report(out, f"Prompt robustness ({data.name}, test split)", command_line())
     rep.machine()
     available = data.prompt_keys("test")

@@ -19,18 +19,16 @@ Inference is the bundle's own stochastic inference (``num_samples`` of its infer
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from vlseg.bench.calibration import CalibrationAccumulator, auroc, region_means
-from vlseg.bench.cli import base_parser, command_line, log, out_dir
-from vlseg.bench.data import resolve_data
+from vlseg.bench.cli import base_parser, command_line, log
 from vlseg.bench.evaluate import predict_items
 from vlseg.bench.report import Report, bar_plot, default_out_dir, line_plot
 from vlseg.bench.runner import load_trained
-from vlseg.bench.trained import trained_models
+from vlseg.bench.trained import start_trained_benchmark, trained_models
 from vlseg.metrics import segmentation_metrics
 
 
@@ -95,14 +93,7 @@ def measure(bm, items, samples, bins, width) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = out_dir(args)
-    acc = json.loads(args.from_accuracy.read_text()) if args.from_accuracy and args.from_accuracy.is_file() else {}
-    dl = args.datalist or ((acc.get("data") or {}).get("datalist") if acc else None)
-    data = resolve_data(dl, quick=args.quick, limits={"test": args.max_test} if args.max_test else None)
+    out, data, _ = start_trained_benchmark(args)
     rep = Report(out, f"Uncertainty quality ({data.name}, test split)", command_line())
     rep.machine()
     items = data.items("test")

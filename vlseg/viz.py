@@ -6,7 +6,27 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_overlay", "save_learning_curve"]
+__all__ = ["save_overlay", "save_learning_curve", "pyplot", "save_figure"]
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 90) -> Path:
+    """``tight_layout``, save ``fig`` as ``path`` (folders created) and close it; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
 
 
 def _to_hwc_uint8(image) -> np.ndarray:
@@ -25,11 +45,7 @@ def _to_hwc_uint8(image) -> np.ndarray:
 
 def save_overlay(path, image, mask, uncertainty=None, title: str = "", label=None) -> Path:
     """Image | image + predicted mask outline (and ground-truth outline, dashed cyan) | uncertainty heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     img = _to_hwc_uint8(image)
     m = np.asarray(mask, dtype=np.float32).squeeze()
     ncols = 3 if uncertainty is not None else 2
@@ -53,21 +69,12 @@ def save_overlay(path, image, mask, uncertainty=None, title: str = "", label=Non
         a.axis("off")
     if title:
         fig.suptitle(title[:120], fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_learning_curve(path, history: dict[str, list[float]], title: str = "learning curve") -> Path:
     """One line per series (e.g. ``{"train_loss": [...], "val_dice": [...]}``) against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in history.items():
         ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
@@ -75,9 +82,4 @@ def save_learning_curve(path, history: dict[str, list[float]], title: str = "lea
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vlseg.viz import pyplot, save_figure
+
 __all__ = ["Report", "fmt", "machine_info", "machine_lines", "bar_plot", "line_plot", "repo_root", "default_out_dir"]
 
 
@@ -175,21 +177,12 @@ def _json_default(o):
     return str(o)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def bar_plot(path, groups: Sequence[str], series: Mapping[str, Sequence[float]], ylabel: str, title: str = "",
              errors: Mapping[str, Sequence[float]] | None = None, log: bool = False, ylim=None) -> Path:
     """Grouped bars: one group per entry of ``groups``, one bar per series."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     names = list(series)
     width = 0.8 / max(1, len(names))
     x = np.arange(len(groups))
@@ -212,12 +205,7 @@ def bar_plot(path, groups: Sequence[str], series: Mapping[str, Sequence[float]],
     if len(names) > 1:
         ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def line_plot(path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
@@ -226,7 +214,7 @@ def line_plot(path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]
     """One line per series ``name -> (x, y)``; optional +-band per series, horizontal reference lines, y = x."""
     import numpy as np
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, (xs, ys) in series.items():
         xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
@@ -245,9 +233,4 @@ def line_plot(path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vlseg.bundles import PAPER, checkpoint_path, find_bundles, read_checkpoint_record
 
-__all__ = ["TrainedModel", "trained_models"]
+__all__ = ["TrainedModel", "trained_models", "start_trained_benchmark"]
 
 
 @dataclass
@@ -60,3 +60,22 @@ def trained_models(bundles_dir: Path, names=None, from_accuracy: Path | None = N
             out.append(TrainedModel(name, root, variant, None, "none",
                                     "no trained checkpoint: run scripts/benchmark_accuracy.py first"))
     return out
+
+
+def start_trained_benchmark(args):
+    """The start of a benchmark that evaluates trained checkpoints on the test split (prompts, uncertainty): torch
+    threads (``--threads``), the output folder and the test data (``--datalist``, else the accuracy benchmark's
+    datalist from ``--from-accuracy``, else the default; ``--max-test`` items at most). Returns ``(out_dir, data,
+    accuracy results)`` (``{}`` without an accuracy ``results.json``)."""
+    import torch
+
+    from vlseg.bench.cli import out_dir
+    from vlseg.bench.data import resolve_data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = out_dir(args)
+    acc = json.loads(args.from_accuracy.read_text()) if args.from_accuracy and args.from_accuracy.is_file() else {}
+    dl = args.datalist or ((acc.get("data") or {}).get("datalist") if acc else None)
+    data = resolve_data(dl, quick=args.quick, limits={"test": args.max_test} if args.max_test else None)
+    return out, data, acc
