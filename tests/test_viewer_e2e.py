@@ -251,8 +251,8 @@ def test_ohif_class_prompt_infer_returns_nrrd_and_an_uncertainty_series(stack, m
         assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert list(ds.ImagePositionPatient) == list(src.ImagePositionPatient)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        # NIfTI (SimpleITK layout: column, row, slice) -> DICOM rows x columns, stored value = u * 1000
-        np.testing.assert_allclose(ds.pixel_array * float(ds.RescaleSlope), u[:, :, k].T, atol=6e-4)
+        # NIfTI (SimpleITK layout: column, row, slice) -> DICOM rows x columns, pixel value = u * 1000
+        np.testing.assert_allclose(ds.pixel_array / 1000.0, u[:, :, k].T, atol=6e-4)
 
 
 def test_secondary_capture_2d_with_free_text(stack):
@@ -430,6 +430,14 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         viewer = driver.current_url
         driver.get(viewer)
         wait.until(lambda d: "vlseg uncertainty uavls 'polyp'" in body())
+        # ... and loads into the viewports on a double click (their overlays then name the series)
+        before = body().count("vlseg uncertainty")
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        thumb = driver.find_element(By.XPATH, "//*[@data-cy='study-browser-thumbnail']"
+                                              "[.//*[contains(text(), \"vlseg uncertainty uavls 'polyp'\")]]")
+        ActionChains(driver).double_click(thumb).perform()
+        wait.until(lambda d: body().count("vlseg uncertainty") > before)
         print(f"\n[viewer_e2e] OHIF class-prompt inference {infer_s:.1f}s; screenshot {shot}")
     except Exception:
         driver.save_screenshot(str(tmp_path / "failure.png"))

@@ -6,8 +6,8 @@
   (OHIF, Slicer) and ITK stack the slices in the order ``k`` ascending.
 * :func:`image_to_sc_instance`: a 2D RGB or grey uint8 image -> one Secondary Capture Image Storage instance.
 * :func:`uncertainty_series`: a float map in [0, 1] on the grid of a source series -> a derived series in the
-  same study and frame of reference (Secondary Capture storage, 16-bit, ``RescaleSlope`` 1/1000 so the stored
-  value 1000 reads as 1.0), which the MONAI Label app uploads next to the image so OHIF lists it.
+  same study and frame of reference (Secondary Capture storage, 16-bit, pixel value = uncertainty x 1000, window
+  0..1000), which the MONAI Label app uploads next to the image so OHIF lists it.
 * :func:`sort_slices`: datasets of one series in the order ITK / SimpleITK (GDCM) and OHIF stack them.
 
 Every UID is derived from names given by the caller (``pydicom.uid.generate_uid(entropy_srcs=...)``), so
@@ -171,9 +171,8 @@ def uncertainty_series(sources: Sequence[Dataset], uncertainty: np.ndarray, *, s
     reference and slice geometry, one instance per source instance).
 
     ``uncertainty`` is ``[rows, cols, n]`` with slice ``k`` belonging to ``sort_slices(sources)[k]`` (or
-    ``[rows, cols]`` for a single instance). Values in [0, 1] are stored as round(u * 1000) with
-    ``RescaleSlope`` 0.001, window 0..1. ``series_key`` makes the UIDs (same key -> same series, replaced on
-    re-upload).
+    ``[rows, cols]`` for a single instance). Values in [0, 1] are stored as round(u * 1000) (no rescale: OHIF
+    shows fractional-slope secondary captures blank), window 0..1000. ``series_key`` makes the UIDs.
     """
     srcs = sort_slices(sources)
     u = np.asarray(uncertainty, dtype=np.float64)
@@ -199,12 +198,13 @@ def uncertainty_series(sources: Sequence[Dataset], uncertainty: np.ndarray, *, s
         ds.ContentDate, ds.ContentTime = ds.SeriesDate, ds.SeriesTime
         ds.ImageType = ["DERIVED", "SECONDARY", "UNCERTAINTY"]
         ds.DerivationDescription = "pixel-wise uncertainty (normalised binary entropy of the mean foreground " \
-                                   "probability), stored value / 1000"
+                                   "probability); pixel value = uncertainty x 1000 (0 certain .. 1000 maximal)"
         ref = Dataset()
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
         ds.SourceImageSequence = [ref]
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 0.001, "US"
-        ds.WindowCenter, ds.WindowWidth = 0.5, 1.0
+        # plain per-mille integers and a 0..1000 window: OHIF v3 (cornerstone3D) shows a secondary capture with a
+        # fractional RescaleSlope as a blank image, so the scale is stated in DerivationDescription instead
+        ds.WindowCenter, ds.WindowWidth = 500, 1000
         _mono16(ds, stored[:, :, k])
         out.append(ds)
     return out
