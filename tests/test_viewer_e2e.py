@@ -58,6 +58,60 @@ def _real_bundles() -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# conversions the viewer path relies on (no Orthanc, no browser)
+# ----------------------------------------------------------------------------------------------------------------
+def test_ct_series_layout_through_monai_label_conversion(tmp_path):
+    """vol[:, :, k] -> DICOM rows x columns -> MONAI Label's SimpleITK NIfTI: array axes (column, row, slice), slices
+    ascending along the normal. The app's NRRD writer and uncertainty series depend on exactly this."""
+    import nibabel as nib
+    from monailabel.datastore.utils.convert import dicom_to_nifti
+
+    from vlseg.dicom.convert import save, volume_to_ct_series
+
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(0, 1.5, size=(12, 9, 5)).astype(np.float32)  # rows != cols != slices
+    series = volume_to_ct_series(vol, name="layout-test", patient_id="P1")
+    assert volume_to_ct_series(vol, name="layout-test", patient_id="P1")[0].SOPInstanceUID == series[0].SOPInstanceUID
+    files = save(series[::-1], tmp_path / "dcm")  # written in reverse: the reader must sort by position
+    out = np.asarray(nib.load(dicom_to_nifti(str(files[0].parent))).dataobj)
+    hu = np.rint(vol * 1000) - 1024
+    assert out.shape == (9, 12, 5)
+    np.testing.assert_allclose(out.transpose(1, 0, 2), hu)
+
+
+def test_nrrd_label_layout_and_uncertainty_series(tmp_path):
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.imageio import write_nrrd_uint8
+    finally:
+        sys.path.remove(str(APP))
+    from vlseg.dicom.convert import sort_slices, uncertainty_series, volume_to_ct_series
+
+    mask = np.zeros((9, 12, 5), np.uint8)  # NIfTI grid (column, row, slice)
+    mask[2, 7, 3] = 1
+    mask[8, 0, 0] = 3
+    write_nrrd_uint8(mask, tmp_path / "m.nrrd", affine=np.diag([-1.0, -1.0, 2.5, 1.0]))
+    fields, data = _read_nrrd((tmp_path / "m.nrrd").read_bytes())
+    assert fields["sizes"] == "9 12 5" and fields["space directions"] == "(1,0,0) (0,1,0) (0,0,2.5)"
+    assert np.array_equal(data, mask.transpose(2, 1, 0))  # x (column) fastest: OHIF's labelmap order
+    write_nrrd_uint8(mask[:, :, 0].T, tmp_path / "m2.nrrd", layout="2d")  # a [row, col] image
+    fields, data = _read_nrrd((tmp_path / "m2.nrrd").read_bytes())
+    assert fields["sizes"] == "9 12 1" and data[0, 0, 8] == 3
+
+    src = volume_to_ct_series(np.zeros((12, 9, 5), np.float32), name="unc-test", patient_id="P2")
+    u = np.linspace(0, 1, 12 * 9 * 5).reshape(12, 9, 5)
+    ser = uncertainty_series(src[::-1], u, series_key="k", description="uavls 'polyp'")
+    assert len({d.SeriesInstanceUID for d in ser}) == 1 and ser[0].StudyInstanceUID == src[0].StudyInstanceUID
+    for k, (d, s) in enumerate(zip(ser, sort_slices(src))):
+        assert d.ImagePositionPatient == s.ImagePositionPatient and d.FrameOfReferenceUID == s.FrameOfReferenceUID
+        assert d.SourceImageSequence[0].ReferencedSOPInstanceUID == s.SOPInstanceUID
+        assert np.array_equal(np.frombuffer(d.PixelData, "<u2").reshape(12, 9), np.rint(u[:, :, k] * 1000))
+    assert ser[0].SeriesDescription == "vlseg uncertainty uavls 'polyp'" and ser[0].Modality == "OT"
+    with pytest.raises(ValueError, match="slices"):
+        uncertainty_series(src, u[:, :, :3], series_key="k", description="x")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the stack: Orthanc + uploaded demo DICOM + the app over DICOMweb
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
