@@ -117,7 +117,13 @@ def main(argv=None) -> int:
 
         from vlseg.dicom.orthanc import stop_orthanc
 
-        print("Orthanc keeps running; Ctrl-C stops it")
+        import signal
+
+        def _stop(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, _stop)  # `kill <pid>` stops Orthanc too, like Ctrl-C
+        print("Orthanc keeps running; Ctrl-C (or SIGTERM) stops it", flush=True)
         try:
             while handle.proc.poll() is None:
                 time.sleep(1)
