@@ -43,6 +43,7 @@ OHIF_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8", "result_com
                "restore_label_idx": False}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
+                 "--disable-dev-shm-usage",  # containers often have a small /dev/shm
                  # WebGL through SwiftShader: OHIF's MPR viewports need it; headless Chromium has no GPU here
                  "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 
