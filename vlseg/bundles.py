@@ -7,8 +7,8 @@ exactly as ``python -m monai.bundle run --config_file "[...]"`` merges them. The
 config alone (variant ``None`` / ``""`` / ``"paper"``).
 
 Every bundle has its own ``scripts`` package, so :func:`bundle_context` puts the bundle's folder first on
-``sys.path`` and drops any previously imported ``scripts`` modules (before and after), which lets several bundles be
-built in one process.
+``sys.path`` with no ``scripts`` module imported, and on exit restores the ``scripts`` modules that were imported
+before, which lets several bundles be built in one process.
 """
 
 from __future__ import annotations
@@ -123,23 +123,24 @@ def config_files(bundle_dir, kind: str = "inference", variant: str | None = None
     return files
 
 
-def _drop_scripts_modules() -> None:
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        del sys.modules[name]
+def _pop_scripts_modules() -> dict:
+    return {name: sys.modules.pop(name) for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]}
 
 
 @contextlib.contextmanager
 def bundle_context(bundle_root) -> Iterator[None]:
-    """Make ``import scripts`` resolve to this bundle's package for the duration of the block."""
+    """Make ``import scripts`` resolve to this bundle's package for the duration of the block (the ``scripts``
+    modules imported before it are restored afterwards)."""
     root = str(Path(bundle_root).resolve())
-    _drop_scripts_modules()
+    saved = _pop_scripts_modules()
     sys.path.insert(0, root)
     try:
         yield
     finally:
         with contextlib.suppress(ValueError):
             sys.path.remove(root)
-        _drop_scripts_modules()
+        _pop_scripts_modules()
+        sys.modules.update(saved)
 
 
 def load_parser(bundle_root, variant: str | None = None, base: str = "inference.json", extra: Sequence[str] = (),

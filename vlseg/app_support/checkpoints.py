@@ -26,13 +26,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlseg.app_support.bundles import (
+from vlseg.bundles import (
     CHECKPOINT_RECORD,
     BundleError,
+    bundle_context,
     checkpoint_path,
     config_files,
     discover_bundles,
     file_sha256,
+    load_parser,
     read_checkpoint_record,
     repo_bundles_dir,
 )
@@ -238,37 +240,13 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     return ckpt
 
 
-class _bundle_imports:
-    """Put a bundle folder first on ``sys.path`` with its own ``scripts`` package (restored on exit)."""
-
-    def __init__(self, bundle_dir: Path):
-        self.bundle_dir = str(bundle_dir)
-
-    def __enter__(self):
-        self.saved = {k: v for k, v in sys.modules.items() if k == "scripts" or k.startswith("scripts.")}
-        for k in self.saved:
-            del sys.modules[k]
-        sys.path.insert(0, self.bundle_dir)
-        return self
-
-    def __exit__(self, *exc):
-        if self.bundle_dir in sys.path:
-            sys.path.remove(self.bundle_dir)
-        for k in [k for k in sys.modules if k == "scripts" or k.startswith("scripts.")]:
-            del sys.modules[k]
-        sys.modules.update(self.saved)
-
-
 def build_network(bundle_dir, variant: str | None = None, seed: int | None = None):
     """The ``network_def`` of ``configs/inference.json`` + the variant file, on CPU."""
     import torch
-    from monai.bundle import ConfigParser
 
     bundle_dir = Path(bundle_dir).resolve()
-    with _bundle_imports(bundle_dir):
-        parser = ConfigParser()
-        parser.read_config([str(p) for p in config_files(bundle_dir, "inference", variant)])
-        parser["bundle_root"] = str(bundle_dir)
+    with bundle_context(bundle_dir):
+        parser = load_parser(bundle_dir, variant)
         if seed is not None:
             torch.manual_seed(seed)
         return parser.get_parsed_content("network_def", instantiate=True)
