@@ -166,6 +166,8 @@ def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_di
     }
     if "output_dir" in keys:
         overrides["output_dir"] = str(work_dir / "runs")
+    if "max_train_clock" in keys:  # equal budgets are wall-clock seconds here, whatever a variant file sets
+        overrides["max_train_clock"] = "wall"
     if "train_encoders" in keys:
         overrides["train_encoders"] = True
     if epoch_length:
