@@ -5,6 +5,7 @@
   (``train_metrics.json`` by default).
 * :class:`EvalReport` (evaluator): the evaluation metrics (+ settings, the demo set's text-blind ceiling) as JSON
   (``eval_metrics.json`` by default).
+* :func:`attach_full_state`: resumable full-state checkpoints (model, optimizer, scheduler, trainer) every epoch.
 * :func:`is_main_process`, :func:`dist_any`: torch.distributed helpers (who writes files; "any rank says stop").
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["StopAfterSeconds", "budget_clock", "TrainingReport", "EvalReport", "is_main_process", "dist_any", "jsonable"]
+__all__ = ["StopAfterSeconds", "attach_full_state", "budget_clock", "TrainingReport", "EvalReport", "is_main_process", "dist_any", "jsonable"]
 
 logger = logging.getLogger("vlseg")
 
@@ -318,3 +319,27 @@ class EvalReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1) + "\n")
         logger.info("evaluation metrics %s -> %s", metrics, path)
+
+
+def attach_full_state(trainer, save_dir, objects: dict, resume: str | None = None, map_location=None,
+                      save: bool = True, file_prefix: str = "checkpoint", final_filename: str | None = None):
+    """Resumable training: save ``objects`` + the trainer every epoch (``<save_dir>/<file_prefix>_*.pt``, main process
+    only, the latest kept; with ``final_filename`` also when training ends) and, when ``resume`` names such a file,
+    load it before the run starts. Returns the trainer.
+
+    Called from a config's ``initialize`` (or a config key) rather than listed in ``train#handlers``: the saved state
+    includes the trainer itself, which a handler inside the trainer's own handler list would refer to circularly.
+    """
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    state = dict(objects)
+    state.setdefault("trainer", trainer)
+    if resume:
+        if not Path(str(resume)).is_file():
+            raise FileNotFoundError(f"resume checkpoint {resume} not found")
+        CheckpointLoader(load_path=str(resume), load_dict=state, map_location=map_location).attach(trainer)
+    if save and is_main_process():
+        CheckpointSaver(save_dir=str(save_dir), save_dict=state, file_prefix=file_prefix, save_interval=1,
+                        epoch_level=True, n_saved=1, save_final=bool(final_filename),
+                        final_filename=final_filename).attach(trainer)
+    return trainer

@@ -141,21 +141,6 @@ class SegmentationReport:
 
 
 def attach_full_state(trainer, ckpt_dir, objects: dict, resume: str | None = None, map_location=None, save: bool = True):
-    """Resumable training: save ``objects`` + the trainer every epoch (``<ckpt_dir>/checkpoint_*.pt``, rank 0, the
-    latest kept) and, when ``resume`` names such a file, load it before the run starts.
-
-    Attached here rather than in ``train#handlers`` because the trainer itself is part of the saved state (a config
-    handler referring to ``@train#trainer`` inside the trainer's own handler list would be a circular reference).
-    """
-    from monai.handlers import CheckpointLoader, CheckpointSaver
-
-    state = dict(objects)
-    state["trainer"] = trainer
-    if resume:
-        if not Path(str(resume)).is_file():
-            raise FileNotFoundError(f"resume checkpoint {resume} not found")
-        CheckpointLoader(load_path=str(resume), load_dict=state, map_location=map_location).attach(trainer)
-    if save and is_main_process():
-        CheckpointSaver(save_dir=str(ckpt_dir), save_dict=state, file_prefix="checkpoint", save_interval=1,
-                        epoch_level=True, n_saved=1).attach(trainer)
-    return trainer
+    """Resumable training (``vlseg.engine_handlers.attach_full_state``): ``<ckpt_dir>/checkpoint_*.pt`` every epoch."""
+    return engine_handlers.attach_full_state(trainer, ckpt_dir, objects, resume=resume, map_location=map_location,
+                                             save=save, file_prefix="checkpoint")

@@ -12,6 +12,7 @@ import torch
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from vlseg.engine_handlers import attach_full_state as attach_full_state_shared
 from vlseg.inferers import logits_of
 
 __all__ = ["AccumulationIteration", "WarmupCosine", "set_threads", "attach_full_state"]
@@ -90,21 +91,7 @@ def set_threads(n: int | None) -> int:
 
 
 def attach_full_state(trainer, save_dir, objects: dict, resume: str | None = None, device=None) -> None:
-    """Resumable full-state checkpoint (model + optimizer + lr_scheduler + trainer) every epoch, and optional
-    resumption from one.
-
-    Attached from ``initialize`` rather than listed in ``train_handlers``: the dict names the trainer itself,
-    which the config resolver would report as a circular reference. Saving happens on rank 0 only.
-    """
-    from pathlib import Path
-
-    from monai.handlers import CheckpointLoader, CheckpointSaver
-
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    if rank == 0:
-        CheckpointSaver(save_dir=str(save_dir), save_dict=objects, file_prefix="full_state", save_interval=1,
-                        epoch_level=True, n_saved=1, save_final=True, final_filename="full_state_final.pt").attach(trainer)
-    if resume:
-        if not Path(resume).is_file():
-            raise FileNotFoundError(f"resume checkpoint {resume} not found")
-        CheckpointLoader(load_path=str(resume), load_dict=objects, map_location=device).attach(trainer)
+    """Resumable full-state checkpoint (``vlseg.engine_handlers.attach_full_state``): ``full_state_*.pt`` every epoch
+    and ``full_state_final.pt`` at the end; optional resumption from one."""
+    attach_full_state_shared(trainer, save_dir, objects, resume=resume, map_location=device, file_prefix="full_state",
+                             final_filename="full_state_final.pt")
