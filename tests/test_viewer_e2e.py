@@ -5,8 +5,13 @@ Everything is started by this module, on loopback ports, in temporary folders:
 1. the demo data (two 64x64 volumes, two 64x64 RGB images) is converted to DICOM and uploaded to a fresh Orthanc
    with its DICOMweb plugin by ``scripts/dicom_demo.py`` (a CT-like series per volume, cut to 4 slices, and one
    secondary-capture instance per image);
-2. the three bundles (uavls, medclipseg, vilmedsam; ``tiny`` variants with untrained weights: serving only needs
-   weights that fit) are served by ``monailabel start_server --studies http://127.0.0.1:<port>/dicom-web``;
+2. the three bundles (uavls, medclipseg, vilmedsam; ``tiny`` variants) are served by ``monailabel start_server
+   --studies http://127.0.0.1:<port>/dicom-web``. medclipseg and vilmedsam keep untrained weights (serving only
+   needs weights that fit; untrained medclipseg marks most voxels, which the OHIF check wants to see). uavls, the
+   active-learning scoring model, is trained briefly (4 epochs at a constant learning rate of 0.01 on the demo
+   training split, about 30 s, in parallel with Orthanc's start): untrained, every pixel's foreground probability
+   is about 0.5, every image scores the maximal uncertainty 1.0 and "most uncertain" is a tie; trained this much,
+   the image scores spread over about 0.7-0.8, so "next sample = the most uncertain study" is a real check;
 3. OHIF v3 (MONAI Label's own build, served at ``/ohif/``) is driven by Selenium in the system Chromium: study list
    from Orthanc, the MONAI Label mode, the MONAI Label panel's model list, a class-prompt segmentation that must
    land in OHIF's labelmap voxel for voxel as the server computed it, and the panel's *Next Sample* action;
@@ -36,6 +41,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "vlseg"
 MODELS = ("medclipseg", "uavls", "vilmedsam")
+SCORING_MODEL = "uavls"  # briefly trained (module docstring); the others stay untrained
+OHIF_MODEL = "medclipseg"  # untrained: marks most voxels, so OHIF has a labelmap to draw
+MIN_SCORE_SPREAD = 0.02  # max - min of the image scores (observed: about 0.05-0.08)
 SLICES = 4
 LABELS = {"polyp": 1, "cyst": 2, "lesion": 3}
 # what OHIF's MONAI Label panel sends with every infer (extensions/monai-label MonaiLabelClient.infer)
@@ -80,6 +88,45 @@ def test_ct_series_layout_through_monai_label_conversion(tmp_path):
     np.testing.assert_allclose(out.transpose(1, 0, 2), hu)
 
 
+def test_dicom_series_gives_the_model_the_demo_slices(tmp_path):
+    """The DICOMweb datastore's conversion (MONAI Label's SimpleITK NIfTI, then ``swap_row_column_axes``) serves a
+    volume whose slices ``vol[:, :, k]`` -- what the app's infer task cuts and hands to the 2D bundles -- are the
+    demo volume's slices in the same orientation (rows = array axis 0), and voxels keep their place in space."""
+    import nibabel as nib
+    from monailabel.datastore.utils.convert import dicom_to_nifti
+
+    from vlseg.data.demo import generate_demo_dataset
+    from vlseg.dicom.convert import save, swap_row_column_axes, volume_to_ct_series
+
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.imageio import load_volume, window_to_uint8
+    finally:
+        sys.path.remove(str(APP))
+    demo = tmp_path / "demo"
+    generate_demo_dataset(demo, seed=1, n_images=(1, 0, 0), image_size=64, n_volumes=1, volume_shape=(80, 64, 8))
+    src = demo / json.loads((demo / "datalist.json").read_text())["volumes"][0]["image"]
+    ref, demo_vol = load_volume(str(src))
+    assert demo_vol.shape == (80, 64, 8)  # rows != columns: a transposed slice could not pass
+    files = save(volume_to_ct_series(demo_vol, name="orient-test", patient_id="P3"), tmp_path / "dcm")
+    served = swap_row_column_axes(dicom_to_nifti(str(files[0].parent)), tmp_path / "served.nii.gz")
+    img, vol = load_volume(served)
+    hu = np.rint(demo_vol.astype(np.float64) * 1000) - 1024  # the CT series stores round(v * 1000) - 1024 HU
+    assert vol.shape == demo_vol.shape
+    for k in range(vol.shape[2]):
+        np.testing.assert_allclose(vol[:, :, k], hu[:, :, k])
+    # ... and the 8-bit slices the bundles get are the demo volume's 8-bit slices (same window, same orientation)
+    assert np.array_equal(window_to_uint8(vol), window_to_uint8(hu))
+    # same place in space: voxel (r, c, k) sits where SimpleITK's voxel (c, r, k) sits
+    itk = nib.load(dicom_to_nifti(str(files[0].parent)))
+    np.testing.assert_allclose(img.affine @ [5, 7, 2, 1], itk.affine @ [7, 5, 2, 1])
+    np.testing.assert_allclose(np.asarray(itk.dataobj)[7, 5, 2], vol[5, 7, 2])
+    # its own inverse
+    back = nib.load(swap_row_column_axes(served, tmp_path / "back.nii.gz"))
+    np.testing.assert_allclose(back.affine, itk.affine)
+    assert np.array_equal(np.asarray(back.dataobj), np.asarray(itk.dataobj))
+
+
 def test_nrrd_label_layout_and_uncertainty_series(tmp_path):
     sys.path.insert(0, str(APP))
     try:
@@ -88,14 +135,17 @@ def test_nrrd_label_layout_and_uncertainty_series(tmp_path):
         sys.path.remove(str(APP))
     from vlseg.dicom.convert import sort_slices, uncertainty_series, volume_to_ct_series
 
-    mask = np.zeros((9, 12, 5), np.uint8)  # NIfTI grid (column, row, slice)
-    mask[2, 7, 3] = 1
-    mask[8, 0, 0] = 3
-    write_nrrd_uint8(mask, tmp_path / "m.nrrd", affine=np.diag([-1.0, -1.0, 2.5, 1.0]))
+    mask = np.zeros((12, 9, 5), np.uint8)  # the served grid (row, column, slice) of a 12-row, 9-column series
+    mask[7, 2, 3] = 1
+    mask[0, 8, 0] = 3
+    # the served NIfTI's affine: SimpleITK's diag(-1, -1, 2.5) (LPS identity) with columns 0 and 1 exchanged
+    affine = np.array([[0.0, -1, 0, 0], [-1, 0, 0, 0], [0, 0, 2.5, 0], [0, 0, 0, 1]])
+    write_nrrd_uint8(mask, tmp_path / "m.nrrd", affine=affine)
     fields, data = _read_nrrd((tmp_path / "m.nrrd").read_bytes())
     assert fields["sizes"] == "9 12 5" and fields["space directions"] == "(1,0,0) (0,1,0) (0,0,2.5)"
-    assert np.array_equal(data, mask.transpose(2, 1, 0))  # x (column) fastest: OHIF's labelmap order
-    write_nrrd_uint8(mask[:, :, 0].T, tmp_path / "m2.nrrd", layout="2d")  # a [row, col] image
+    assert np.array_equal(data, mask.transpose(2, 0, 1))  # x (column) fastest: OHIF's labelmap order
+    assert data[3, 7, 2] == 1 and data[0, 0, 8] == 3
+    write_nrrd_uint8(mask[:, :, 0], tmp_path / "m2.nrrd", layout="2d")  # a [row, col] image
     fields, data = _read_nrrd((tmp_path / "m2.nrrd").read_bytes())
     assert fields["sizes"] == "9 12 1" and data[0, 0, 8] == 3
 
@@ -130,16 +180,26 @@ def stack(tmp_path_factory):
     generate_demo_dataset(root / "demo", seed=0, n_images=(4, 1, 2), image_size=64, n_volumes=2,
                           volume_shape=(64, 64, 8))
 
-    # untrained tiny checkpoints in a copy of the bundles (one subprocess), while Orthanc starts and gets the data
+    # tiny checkpoints in a copy of the bundles, while Orthanc starts and gets the data: untrained ones (one
+    # subprocess) and the briefly trained scoring model (another; module docstring)
     bundles = root / "bundles"
     for src in _real_bundles():
         shutil.copytree(src, bundles / src.name, symlinks=True, ignore=shutil.ignore_patterns(
             "*.pt", "*.ts", "runs", "eval", "__pycache__", "vlseg_checkpoint.json", "monailabel_train.json"))
     ckpt_cmd = [sys.executable, "-m", "vlseg.app_support.checkpoints", "--variant", "tiny", "--random-init"]
     for b in MODELS:
-        ckpt_cmd += ["--bundle", str(bundles / b)]
+        if b != SCORING_MODEL:
+            ckpt_cmd += ["--bundle", str(bundles / b)]
     ckpt_log = open(root / "checkpoints.log", "w")
     ckpt = subprocess.Popen(ckpt_cmd, stdout=ckpt_log, stderr=subprocess.STDOUT, cwd=str(REPO))
+    train_code = ("import sys; from vlseg.app_support.checkpoints import ensure_checkpoint; "
+                  "ensure_checkpoint(sys.argv[1], 'tiny', sys.argv[2], max_epochs=4, force=True, log_path=sys.argv[3], "
+                  "overrides={'learning_rate': 0.01, 'min_learning_rate': 0.01, 'val_interval': 100})")
+    train_log = open(root / "scoring_model_train.log", "w")
+    t_train = time.time()
+    train = subprocess.Popen([sys.executable, "-c", train_code, str(bundles / SCORING_MODEL),
+                              str(root / "demo" / "datalist.json"), str(root / "scoring_model_bundle_train.log")],
+                             stdout=train_log, stderr=subprocess.STDOUT, cwd=str(REPO))
 
     orthanc = start_orthanc(root / "orthanc")
     server = None
@@ -152,10 +212,13 @@ def stack(tmp_path_factory):
         manifest = json.loads((root / "dicom" / "manifest.json").read_text())
         assert ckpt.wait(timeout=600) == 0, (root / "checkpoints.log").read_text()[-3000:]
         ckpt_log.close()
+        assert train.wait(timeout=600) == 0, (root / "scoring_model_train.log").read_text()[-3000:]
+        train_log.close()
+        print(f"\n[viewer_e2e] {SCORING_MODEL} trained in {time.time() - t_train:.0f}s (wall, from its start)")
 
         app = root / "app"
         shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-        conf = {"bundles_dir": bundles, "variant": "tiny", "scoring_model": "uavls", "scoring_samples": 2,
+        conf = {"bundles_dir": bundles, "variant": "tiny", "scoring_model": SCORING_MODEL, "scoring_samples": 2,
                 "scoring_prompts": "default", "train_epochs": 1}
         t1 = time.time()
         server = start_server(app, orthanc.dicomweb, conf, log_path=root / "server.log", timeout=300, env={
@@ -169,7 +232,7 @@ def stack(tmp_path_factory):
         if server is not None:
             stop_server(server)
         stop_orthanc(orthanc)
-        for proc, log in ((ckpt, ckpt_log),):
+        for proc, log in ((ckpt, ckpt_log), (train, train_log)):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -261,6 +324,34 @@ def test_demo_dicom_is_in_orthanc(stack):
     assert np.array_equal(sc.pixel_array, np.asarray(Image.open(img["source"]).convert("RGB")))
 
 
+def test_served_series_slices_are_the_demo_slices(stack, tmp_path):
+    """The image the app's tasks read for a CT series (``GET /datastore/image``: the DICOMweb datastore's NIfTI)
+    has the demo volume's slices in the demo orientation: ``vol[:, :, k]`` (what the infer task cuts and gives the
+    2D bundles) = demo ``vol[:, :, first + k]`` in HU, rows on array axis 0 as in the DICOM frames and in OHIF."""
+    import nibabel as nib
+
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.imageio import load_volume
+    finally:
+        sys.path.remove(str(APP))
+    for vol in stack["manifest"]["volumes"]:
+        r = requests.get(f"{stack['url']}/datastore/image", params={"image": vol["SeriesInstanceUID"]}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        path = tmp_path / f"{vol['name']}.nii.gz"
+        path.write_bytes(r.content)
+        _, served = load_volume(str(path))
+        source = np.asarray(nib.load(vol["source"]).dataobj, dtype=np.float64)
+        first = vol["first_slice"]
+        assert served.shape == (64, 64, SLICES)
+        for k in range(SLICES):
+            expected = np.rint(source[:, :, first + k] * 1000) - 1024
+            assert np.array_equal(served[:, :, k], expected), (vol["name"], k)
+            assert not np.array_equal(served[:, :, k], expected.T)  # not symmetric: the check has teeth
+    info = _datastore(stack)[stack["manifest"]["volumes"][0]["SeriesInstanceUID"]]["image"]["info"]
+    assert info["vlseg_array_axes"] == "row,column,slice"
+
+
 def test_app_lists_the_dicomweb_series(stack):
     info = requests.get(f"{stack['url']}/info/", timeout=30).json()
     assert sorted(info["models"]) == sorted(MODELS) and not info["vlseg"]["skipped"]
@@ -306,8 +397,8 @@ def test_ohif_class_prompt_infer_returns_nrrd_and_an_uncertainty_series(stack, m
         assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert list(ds.ImagePositionPatient) == list(src.ImagePositionPatient)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        # NIfTI (SimpleITK layout: column, row, slice) -> DICOM rows x columns, pixel value = u * 1000
-        np.testing.assert_allclose(ds.pixel_array / 1000.0, u[:, :, k].T, atol=6e-4)
+        # the served grid (row, column, slice) = DICOM rows x columns, pixel value = u * 1000
+        np.testing.assert_allclose(ds.pixel_array / 1000.0, u[:, :, k], atol=6e-4)
 
 
 def test_secondary_capture_2d_with_free_text(stack):
@@ -349,17 +440,19 @@ def scored(stack):
     return True
 
 
-def _expected_next(stack, strategy: str = "uncertainty") -> str:
-    """The unlabelled series with the highest ``vlseg_uncertainty_top5`` (README: ties go to the one served least
-    recently), computed from the datastore's image info."""
+def _expected_next(stack) -> str:
+    """The unlabelled series with the highest ``vlseg_uncertainty_top5`` that the scoring task stored in the
+    datastore's image info -- after checking that the scores really tell the images apart (distinct values, spread
+    over at least ``MIN_SCORE_SPREAD``), so the answer is the argmax and not a tie rule."""
     objects = _datastore(stack)
     unlabelled = {k: v["image"]["info"] for k, v in objects.items() if "final" not in v["labels"]}
     scores = {k: i.get("vlseg_uncertainty_top5") for k, i in unlabelled.items()}
     assert len(scores) >= 3 and all(isinstance(s, float) for s in scores.values()), scores
-    top = max(scores.values())
-    tied = [k for k, v in scores.items() if v >= top - 1e-6]
-    served = {k: unlabelled[k].get("strategy", {}).get(strategy, {}).get("ts", 0) for k in tied}
-    return min(tied, key=lambda k: (served[k], k))
+    assert all(unlabelled[k].get("vlseg_uncertainty_model") == SCORING_MODEL for k in scores), unlabelled
+    print(f"\n[viewer_e2e] uncertainty scores (top5): {sorted(scores.values(), reverse=True)}")
+    assert len(set(scores.values())) == len(scores), scores
+    assert max(scores.values()) - min(scores.values()) > MIN_SCORE_SPREAD, scores
+    return max(scores, key=scores.get)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,10 +531,10 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
             sel = driver.find_element(By.XPATH, xp.format(tab)).find_element(By.CSS_SELECTOR, "select.selectBox")
             assert sorted(o.get_attribute("value") for o in Select(sel).options) == sorted(MODELS)
 
-        # 4. class prompt "polyp" with uavls; the app maps the class id to the word and returns an NRRD
+        # 4. class prompt "polyp" with medclipseg; the app maps the class id to the word and returns an NRRD
         driver.find_element(By.XPATH, "//label[normalize-space()='Class Prompts']").click()
         tab = driver.find_element(By.XPATH, xp.format("Class Prompts"))
-        Select(tab.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_value("uavls")
+        Select(tab.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_value(OHIF_MODEL)
         boxes = {r.find_elements(By.TAG_NAME, "td")[-1].text: r for r in tab.find_elements(By.CSS_SELECTOR,
                                                                                           "table.optionsTable tr")}
         assert {"polyp", "cyst", "lesion"} <= set(boxes)
@@ -460,7 +553,7 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         segments = {label: idx for idx, label in state["segments"]}
         assert {"polyp", "cyst", "lesion"} <= set(segments)
         labelmap = np.asarray(state["data"], np.uint8).reshape(state["dims"][::-1])
-        _, expected = _read_nrrd(_ohif_infer(stack, "uavls", vol["SeriesInstanceUID"], {"label_prompt": [1]}))
+        _, expected = _read_nrrd(_ohif_infer(stack, OHIF_MODEL, vol["SeriesInstanceUID"], {"label_prompt": [1]}))
         assert expected.any(), "the model segmented nothing: nothing to show"
         assert labelmap.shape == expected.shape
         assert set(np.unique(labelmap)) <= {0, segments["polyp"]}
@@ -473,7 +566,7 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         driver.find_element(By.XPATH, "//label[normalize-space()='Active Learning']").click()
         al = driver.find_element(By.XPATH, xp.format("Active Learning"))
         Select(al.find_element(By.CSS_SELECTOR, "select.actionInput")).select_by_value("uncertainty")
-        expected_next = _expected_next(stack, "random")  # before the request: serving updates its "served" time
+        expected_next = _expected_next(stack)
         al.find_element(By.XPATH, ".//button[normalize-space()='Next Sample']").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".nextSampleForm"))
         form = driver.find_element(By.CSS_SELECTOR, ".nextSampleForm").text
@@ -484,13 +577,13 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         # 7. the uncertainty map is a series of the study: reopening the study lists it in OHIF's study browser
         viewer = driver.current_url
         driver.get(viewer)
-        wait.until(lambda d: "vlseg uncertainty uavls 'polyp'" in body())
+        wait.until(lambda d: f"vlseg uncertainty {OHIF_MODEL} 'polyp'" in body())
         # ... and loads into the viewports on a double click (their overlays then name the series)
         before = body().count("vlseg uncertainty")
         from selenium.webdriver.common.action_chains import ActionChains
 
         thumb = driver.find_element(By.XPATH, "//*[@data-cy='study-browser-thumbnail']"
-                                              "[.//*[contains(text(), \"vlseg uncertainty uavls 'polyp'\")]]")
+                                              f"[.//*[contains(text(), \"vlseg uncertainty {OHIF_MODEL} 'polyp'\")]]")
         ActionChains(driver).double_click(thumb).perform()
         wait.until(lambda d: body().count("vlseg uncertainty") > before)
         print(f"\n[viewer_e2e] OHIF class-prompt inference {infer_s:.1f}s; screenshot {shot}")
@@ -536,6 +629,8 @@ def test_slicer_module_calls_on_dicomweb(stack, scored, tmp_path):
     expected = _expected_next(stack)
     sample = c.next_sample("uncertainty", {})
     assert sample["id"] == expected and sample["StudyInstanceUID"] and sample["SeriesInstanceUID"] == expected
+    assert sample["candidates"] == 1 and sample["score_key"] == "vlseg_uncertainty_top5"  # no tie to break
+    assert sample["score"] == _datastore(stack)[expected]["image"]["info"]["vlseg_uncertainty_top5"]
 
     # infer with the options-table params (text prompt edited in the table)
     params = dict(info["models"]["uavls"]["config"], text="dark oval cyst", num_samples=2)
@@ -547,7 +642,7 @@ def test_slicer_module_calls_on_dicomweb(stack, scored, tmp_path):
     # save label: the module exports the (edited) segmentation as NIfTI with the segment names in label_info
     demo_label = sorted(Path(vol["source"]).parent.parent.glob(f"volume_labels/{vol['name']}_obj*.nii.gz"))[0]
     obj = np.asarray(nib.load(str(demo_label)).dataobj)[:, :, vol["first_slice"]:vol["first_slice"] + SLICES]
-    label = (obj.transpose(1, 0, 2) > 0).astype(np.uint8)  # demo [row, col, k] -> the image's (column, row, k)
+    label = (obj > 0).astype(np.uint8)  # demo [row, col, k] = the served image's grid (row, column, k)
     assert label.any()
     label_path = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image(label, seg.affine), str(label_path))
@@ -561,6 +656,15 @@ def test_slicer_module_calls_on_dicomweb(stack, scored, tmp_path):
     assert seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     assert seg_ds.SegmentSequence[0].SegmentLabel == "polyp"
     assert int(np.count_nonzero(seg_ds.pixel_array)) == int(label.sum())
+    # frame by frame in the CT's orientation: each SEG frame (rows x columns as in the CT frames) = the label slice
+    ct_z = [float(d.ImagePositionPatient[2]) for d in _retrieve_series(stack, vol["StudyInstanceUID"], series)]
+    frames = seg_ds.pixel_array.reshape(-1, 64, 64)
+    seen = np.zeros(SLICES, bool)
+    for f, fg in zip(frames, seg_ds.PerFrameFunctionalGroupsSequence):
+        k = ct_z.index(float(fg.PlanePositionSequence[0].ImagePositionPatient[2]))
+        assert np.array_equal(f > 0, label[:, :, k] > 0), k
+        seen[k] = True
+    assert all(seen[k] for k in range(SLICES) if label[:, :, k].any())
     assert _datastore(stack)[series]["labels"]["final"]["info"]["label_info"] == [{"name": "polyp", "idx": 1}]
     assert c.next_sample("uncertainty", {})["id"] != series  # labelled now
 

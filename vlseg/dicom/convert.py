@@ -9,6 +9,11 @@
   same study and frame of reference (Secondary Capture storage, 16-bit, pixel value = uncertainty x 1000, window
   0..1000), which the MONAI Label app uploads next to the image so OHIF lists it.
 * :func:`sort_slices`: datasets of one series in the order ITK / SimpleITK (GDCM) and OHIF stack them.
+* :func:`swap_row_column_axes`: a NIfTI made from a DICOM series by SimpleITK (MONAI Label's conversion; array
+  axes column, row, slice) rewritten with array axes row, column, slice -- the app's convention, in which slice
+  ``vol[:, :, k]`` is an image with array axis 0 = rows, exactly like the DICOM frame (and the demo volume it was
+  made from). The affine's first two columns are swapped too, so every voxel keeps its position in space; the
+  operation is its own inverse (the app uses it again to hand labels back to SimpleITK / pydicom-seg).
 
 Every UID is derived from names given by the caller (``pydicom.uid.generate_uid(entropy_srcs=...)``), so
 converting the same input twice gives the same UIDs and uploading twice does not duplicate studies.
@@ -33,6 +38,8 @@ __all__ = [
     "image_to_sc_instance",
     "uncertainty_series",
     "sort_slices",
+    "swap_row_column_axes",
+    "APP_ARRAY_AXES",
     "save",
 ]
 
@@ -208,6 +215,36 @@ def uncertainty_series(sources: Sequence[Dataset], uncertainty: np.ndarray, *, s
         _mono16(ds, stored[:, :, k])
         out.append(ds)
     return out
+
+
+#: How the app's DICOM-derived NIfTI files order their array axes (recorded in the datastore image info).
+APP_ARRAY_AXES = "row,column,slice"
+
+
+def swap_row_column_axes(src, dst=None) -> str:
+    """Rewrite the NIfTI ``src`` (to ``dst``, default in place) with array axes 0 and 1 exchanged and the affine's
+    columns 0 and 1 exchanged with them: the same image in space, indexed the other way round.
+
+    SimpleITK writes a DICOM series as NIfTI with array axes (column, row, slice); after this call the array is
+    (row, column, slice), so ``vol[:, :, k]`` equals DICOM frame ``k``'s ``pixel_array`` (rows first) -- the layout
+    of the app's 2D slicing. Applying it twice gives the original file back (up to compression)."""
+    import nibabel as nib
+
+    img = nib.load(str(src))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim < 2:
+        raise ValueError(f"expected a 2D or 3D NIfTI, got shape {data.shape}")
+    if np.issubdtype(img.get_data_dtype(), np.integer) and np.all(np.mod(data, 1) == 0):
+        data = data.astype(img.get_data_dtype())
+    data = np.ascontiguousarray(np.swapaxes(data, 0, 1))
+    affine = img.affine.copy()
+    affine[:, [0, 1]] = affine[:, [1, 0]]
+    out = nib.Nifti1Image(data, affine)
+    out.set_qform(affine, code=1)
+    out.set_sform(affine, code=1)
+    dst = str(dst or src)
+    nib.save(out, dst)
+    return dst
 
 
 def save(datasets: Sequence[FileDataset], folder) -> list[Path]:

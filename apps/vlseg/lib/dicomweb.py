@@ -5,11 +5,13 @@
   KO, ...) and the uncertainty series this app publishes (``SeriesDescription`` starting with
   ``vlseg uncertainty``), so those are never segmented or scored. The QIDO filter is ``--conf
   dicomweb_search_filter`` (JSON), default ``{}``: all series (MONAI Label's own default is CT only).
-* **Images served**: multi-slice series as NIfTI (MONAI Label's SimpleITK conversion); a single 2D instance
-  (secondary capture, RGB or grey) as a PNG, so the 2D bundles see its colours (SimpleITK would turn an RGB
-  instance into a vector volume).
-* **Final labels** (Slicer *Submit Label*, ``PUT /datastore/label?tag=final``) become a DICOM SEG written with
-  pydicom-seg and uploaded (MONAI Label's own path needs dcmqi's ``itkimage2segimage``, which it downloads from
+* **Images served**: multi-slice series as NIfTI (MONAI Label's SimpleITK conversion, then array axes 0 and 1
+  exchanged, affine with them: ``vol[:, :, k]`` is DICOM frame ``k`` with rows first, the app's convention, so the
+  2D bundles see each slice the way OHIF shows it and a position word like "top left" means the viewer's top
+  left); a single 2D instance (secondary capture, RGB or grey) as a PNG, so the 2D bundles see its colours
+  (SimpleITK would turn an RGB instance into a vector volume).
+* **Final labels** (Slicer *Submit Label*, ``PUT /datastore/label?tag=final``; on the served NIfTI's voxel grid,
+  or OHIF's raw ``.bin`` in DICOM order) become a DICOM SEG written with pydicom-seg and uploaded (MONAI Label's own path needs dcmqi's ``itkimage2segimage``, which it downloads from
   GitHub at start-up); the label and its info (prompt, segment names) are kept in the local cache for training.
 * **Uncertainty maps** (label tag ``uncertainty``, written by every inference on a datastore image) are kept in
   the local cache as for a folder datastore *and* published to the DICOMweb store as a derived series in the
@@ -31,7 +33,13 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from vlseg.dicom.convert import UNCERTAINTY_SERIES_PREFIX, sort_slices, uncertainty_series
+from vlseg.dicom.convert import (
+    APP_ARRAY_AXES,
+    UNCERTAINTY_SERIES_PREFIX,
+    sort_slices,
+    swap_row_column_axes,
+    uncertainty_series,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +134,31 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
             frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
             if frames == 1 and (int(getattr(ds, "SamplesPerPixel", 1)) == 3 or "ImagePositionPatient" not in ds):
                 return self._as_png(image_id, ds)
-        return super().get_image_uri(image_id)
+        if not self._convert_to_nifti:
+            return image_dir
+        return self._as_nifti(image_id, image_dir)
+
+    def _as_nifti(self, image_id: str, image_dir: str) -> str:
+        """A series -> ``<cache>/<series uid>.nii.gz`` with array axes (row, column, slice), registered in the cache.
+
+        MONAI Label's ``dicom_to_nifti`` (SimpleITK) gives (column, row, slice): ``vol[:, :, k]`` would be the
+        transpose of the frame. :func:`vlseg.dicom.convert.swap_row_column_axes` turns it into the app's layout
+        (same voxels in space); the image info records it (``vlseg_array_axes``), so a cache written before is
+        converted again."""
+        from monailabel.datastore.utils.convert import dicom_to_nifti
+
+        nii = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        if os.path.exists(nii) and self.get_image_info(image_id).get("vlseg_array_axes") == APP_ARRAY_AXES:
+            return nii
+        tmp = dicom_to_nifti(image_dir)
+        try:
+            swap_row_column_axes(tmp)
+            LocalDatastore.add_image(self, image_id, tmp, dict(self._dicom_info(image_id),
+                                                                vlseg_array_axes=APP_ARRAY_AXES))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return nii
 
     def _as_png(self, image_id: str, ds) -> str:
         """A single 2D instance -> ``<cache>/<series uid>.png`` (RGB or grey, 8 bit), registered in the cache."""
@@ -177,8 +209,24 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
             return local
         if not image_id and label_id in self.list_images():
             seg = self._seg_series_of(label_id)
-            return super().get_label_uri(seg, label_tag, image_id=label_id) if seg else ""
-        return super().get_label_uri(label_id, label_tag, image_id)
+            return self._seg_label(seg, label_tag, label_id) if seg else ""
+        return self._seg_label(label_id, label_tag, image_id)
+
+    def _seg_label(self, seg_uid: str, label_tag: str, image_id: str) -> str:
+        """MONAI Label's SEG -> NIfTI conversion (SimpleITK: column, row, slice), then the cached copy rewritten
+        in the served images' (row, column, slice) layout."""
+        path = super().get_label_uri(seg_uid, label_tag, image_id)
+        if not path or not image_id:
+            return path
+        local = LocalDatastore.get_label_uri(self, image_id, label_tag)
+        if local and os.path.exists(local):
+            info = LocalDatastore.get_label_info(self, image_id, label_tag) or {}
+            if info.get("vlseg_array_axes") != APP_ARRAY_AXES:
+                swap_row_column_axes(local)
+                LocalDatastore.update_label_info(self, image_id, label_tag,
+                                                 dict(info, vlseg_array_axes=APP_ARRAY_AXES))
+            return local
+        return path
 
     def _seg_series_of(self, image_id: str) -> str | None:
         """The newest DICOM SEG series in the store that references series ``image_id``."""
@@ -198,15 +246,26 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
         from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 
         image_uri = self.get_image_uri(image_id)
-        output_file = ""
-        if "".join(os.path.basename(label_filename).split(".")[1:]) == "bin":
-            output_file = label_filename = binary_to_image(image_uri, label_filename)
+        temps = []
+
+        def _temp() -> str:
+            temps.append(tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name)
+            return temps[-1]
+
         try:
+            if "".join(os.path.basename(label_filename).split(".")[1:]) == "bin":
+                # OHIF's raw labelmap is in DICOM order (column fastest): SimpleITK's layout of the series
+                itk_ref = swap_row_column_axes(image_uri, _temp())
+                itk_label = binary_to_image(itk_ref, label_filename)
+                temps.append(itk_label)
+                label_filename = swap_row_column_axes(itk_label, _temp())
+            else:  # a label on the served NIfTI's grid (row, column, slice) -> SimpleITK's layout for pydicom-seg
+                itk_label = swap_row_column_axes(label_filename, _temp())
             segments = label_info.get("label_info")
             if isinstance(segments, str):
                 segments = json.loads(segments)
             image_dir = self._download(image_id)
-            seg_file = nifti_to_dicom_seg(image_dir, label_filename, segments, use_itk=False)
+            seg_file = nifti_to_dicom_seg(image_dir, itk_label, segments, use_itk=False)
             if seg_file:
                 series_uid = dicom_web_upload_dcm(seg_file, self._client)
                 os.unlink(seg_file)
@@ -214,10 +273,12 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
                 self._forget_lists()
             else:
                 logger.warning("vlseg: final label of %s is empty; no DICOM SEG uploaded", image_id)
+            label_info = dict(label_info, vlseg_array_axes=APP_ARRAY_AXES)
             return LocalDatastore.save_label(self, image_id, label_filename, DefaultLabelTag.FINAL, label_info)
         finally:
-            if output_file and os.path.exists(output_file):
-                os.unlink(output_file)
+            for t in temps:
+                if t and os.path.exists(t):
+                    os.unlink(t)
 
     def _read_map(self, path: str) -> np.ndarray:
         """An uncertainty file of the infer task as float ``[rows, cols, slices]`` in [0, 1]."""
@@ -226,8 +287,8 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
             import nibabel as nib
 
             a = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-            # SimpleITK wrote the image NIfTI with array axes (column, row, slice)
-            return np.transpose(a.reshape(a.shape[0], a.shape[1], -1), (1, 0, 2))
+            # on the served image's grid: array axes (row, column, slice), like the DICOM frames
+            return a.reshape(a.shape[0], a.shape[1], -1)
         from PIL import Image
 
         from lib.imageio import UNCERTAINTY_PNG_SCALE

@@ -205,9 +205,11 @@ def write_nrrd_uint8(array: np.ndarray, path, affine=None, layout: str = "volume
     """A label map as an uncompressed (``encoding: raw``) uint8 NRRD, the format MONAI Label's OHIF v3 plugin
     reads: it copies the raw voxels straight into its labelmap, x (column) fastest, then y (row), then slice.
 
-    ``layout="volume"``: ``array`` is a NIfTI voxel grid ``[i, j, k]`` (for a NIfTI made from a DICOM series by
-    SimpleITK: column, row, slice ascending along the normal); ``affine`` (RAS, nibabel) gives the NRRD space
-    (LPS). ``layout="2d"``: ``array`` is a row-major ``[row, col]`` image, written as one slice.
+    ``layout="volume"``: ``array`` is a volume in the app's layout ``[row, col, slice]`` (a demo NIfTI; a DICOM
+    series as the DICOMweb datastore serves it: DICOM row, column, slice ascending along the normal) with the
+    NIfTI ``affine`` (RAS, nibabel) of that array; the NRRD's x is array axis 1 (column), y axis 0 (row), z axis
+    2, with the space directions (LPS) taken from the matching affine columns. ``layout="2d"``: ``array`` is a
+    row-major ``[row, col]`` image, written as one slice.
     """
     a = np.asarray(array).astype(np.uint8)
     if layout == "2d":
@@ -219,11 +221,12 @@ def write_nrrd_uint8(array: np.ndarray, path, affine=None, layout: str = "volume
     else:
         if a.ndim != 3:
             raise ValueError(f"expected a 3D mask, got shape {a.shape}")
-        sizes = a.shape
-        raw = a.tobytes(order="F")  # i fastest
+        sizes = (a.shape[1], a.shape[0], a.shape[2])
+        raw = np.ascontiguousarray(a.transpose(2, 0, 1)).tobytes()  # [slice, row, col] C order: column fastest
         aff = np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
         ras_to_lps = np.diag([-1.0, -1.0, 1.0])
-        directions, origin = (ras_to_lps @ aff[:3, :3]).T, ras_to_lps @ aff[:3, 3]
+        directions = (ras_to_lps @ aff[:3, [1, 0, 2]]).T  # x = column axis (1), y = row axis (0), z = slice
+        origin = ras_to_lps @ aff[:3, 3]
     vec = lambda v: "(" + ",".join(f"{float(x):.10g}" for x in v) + ")"  # noqa: E731
     header = ("NRRD0004\n# written by the vlseg MONAI Label app\ntype: uint8\ndimension: 3\n"
               "space: left-posterior-superior\n"
