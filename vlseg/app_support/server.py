@@ -52,8 +52,6 @@ def start_server(app_dir, studies, conf: dict | None = None, host: str = "127.0.
                  log_path=None, env: dict | None = None, timeout: float = 300.0) -> ServerHandle:
     """``monailabel start_server --app APP --studies STUDIES --host HOST --port PORT --conf k v ...``; returns once
     ``GET /info/`` answers 200 (raises with the log tail if the server exits or is not up within ``timeout``)."""
-    import requests
-
     port = port or free_port(host)
     log_path = Path(log_path or Path(studies).parent / "server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,22 +65,32 @@ def start_server(app_dir, studies, conf: dict | None = None, host: str = "127.0.
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(log_path.parent))
     handle = ServerHandle(proc, f"http://{host}:{port}", log_path, log)
-    start = time.time()
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"monailabel server exited with {proc.returncode}:\n{handle.log_tail()}")
-            try:
-                if requests.get(f"{handle.url}/info/", timeout=10).status_code == 200:
-                    return handle
-            except requests.RequestException:
-                pass
-            if time.time() - start > timeout:
-                raise RuntimeError(f"monailabel server not up after {timeout:.0f} s:\n{handle.log_tail()}")
-            time.sleep(1.0)
+        wait_until_answering(proc, f"{handle.url}/info/", handle.log_tail, timeout, what="monailabel server")
     except BaseException:
         stop_server(handle)
         raise
+    return handle
+
+
+def wait_until_answering(proc: subprocess.Popen, url: str, log_tail, timeout: float, ok_status=(200,),
+                         interval: float = 1.0, request_timeout: float = 10.0, what: str = "server") -> None:
+    """Poll ``url`` until it answers with a status in ``ok_status``. Raises ``RuntimeError`` (with ``log_tail()``,
+    the end of the process's log) when the process ``proc`` exits first or after ``timeout`` seconds."""
+    import requests
+
+    start = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            if requests.get(url, timeout=request_timeout).status_code in ok_status:
+                return
+        except requests.RequestException:
+            pass
+        if time.time() - start > timeout:
+            raise RuntimeError(f"{what} not up after {timeout:.0f} s:\n{log_tail()}")
+        time.sleep(interval)
 
 
 def stop_server(handle: ServerHandle, timeout: float = 20.0) -> None:

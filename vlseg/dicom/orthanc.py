@@ -14,11 +14,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from vlseg.app_support.server import free_port, wait_until_answering
 
 __all__ = ["OrthancHandle", "find_orthanc", "find_dicomweb_plugin", "orthanc_missing", "start_orthanc",
            "stop_orthanc", "stow_rs", "DICOMWEB_PLUGIN_DIRS"]
@@ -68,23 +69,13 @@ def orthanc_missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_orthanc(workdir, port: int | None = None, timeout: float = 60.0) -> OrthancHandle:
-    import requests
-
     missing = orthanc_missing()
     if missing:
         raise RuntimeError(missing)
     workdir = Path(workdir).resolve()
     (workdir / "db").mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     config = {
         "Name": "vlseg-orthanc",
         "StorageDirectory": str(workdir / "db"),
@@ -108,23 +99,13 @@ def start_orthanc(workdir, port: int | None = None, timeout: float = 60.0) -> Or
     proc = subprocess.Popen([find_orthanc(), str(cfg)], stdout=log, stderr=subprocess.STDOUT, cwd=str(workdir),
                             start_new_session=True)
     handle = OrthancHandle(proc, f"http://127.0.0.1:{port}", workdir, log_path, log)
-    start = time.time()
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{handle.log_tail()}")
-            try:
-                r = requests.get(f"{handle.dicomweb}/studies", timeout=5)
-                if r.status_code in (200, 204):
-                    return handle
-            except requests.RequestException:
-                pass
-            if time.time() - start > timeout:
-                raise RuntimeError(f"Orthanc not up after {timeout:.0f} s:\n{handle.log_tail()}")
-            time.sleep(0.3)
+        wait_until_answering(proc, f"{handle.dicomweb}/studies", handle.log_tail, timeout, ok_status=(200, 204),
+                             interval=0.3, request_timeout=5.0, what="Orthanc")
     except BaseException:
         stop_orthanc(handle)
         raise
+    return handle
 
 
 def stop_orthanc(handle: OrthancHandle, timeout: float = 15.0) -> None:
