@@ -95,10 +95,8 @@ class StopAfterSeconds:
     def __init__(self, max_seconds: float | None = None, epoch_level: bool = True, clock: str = "wall"):
         self.max_seconds = float(max_seconds) if max_seconds else 0.0
         self.epoch_level = bool(epoch_level)
-        if clock not in ("wall", "process"):
-            raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+        self._now = budget_clock(clock)  # raises ValueError for an unknown clock
         self.clock = clock
-        self._now = budget_clock(clock)
         self._t0 = None
         self._epoch_t0 = None
 
@@ -174,6 +172,7 @@ class TrainingReport:
         self._terms: dict[str, list[float]] = {}
         self._term_names: set[str] = set()
         self._t0 = None
+        self._cpu0 = None
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
@@ -236,7 +235,7 @@ class TrainingReport:
             "epochs_completed": completed,
             "iterations": int(state.iteration),
             "elapsed_seconds": round(self.elapsed(), 1),
-            "cpu_seconds": round(time.process_time() - self._cpu0, 1) if getattr(self, "_cpu0", None) is not None else None,
+            "cpu_seconds": round(time.process_time() - self._cpu0, 1) if self._cpu0 is not None else None,
             "budget_clock": getattr(state, "budget_clock", None),
             "stopped_by_time": bool(getattr(state, "stopped_by_time", False)),
             "best": best,
