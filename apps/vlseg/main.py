@@ -64,6 +64,7 @@ from monailabel.utils.others.generic import strtobool
 from lib.activelearning.uncertainty import MostUncertain
 from lib.datastore import PromptCheckingDatastore
 from lib.errors import install_request_error_handlers
+from lib.imageio import discard_upload, is_upload
 from lib.infers.text_bundle import TextBundleInferTask
 from lib.params import parse_label_names
 from lib.scoring.uncertainty import UncertaintyScoring
@@ -81,14 +82,6 @@ def _inside(path: str, folder: str) -> bool:
     """``path`` (symlinks resolved) lies inside ``folder`` (symlinks resolved)."""
     real, root = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([real, root]) == root
-
-
-def _is_upload(path: str) -> bool:
-    """A file MONAI Label's ``/infer`` endpoint wrote for an upload: ``<tempdir>/tmpXXXXXXXX<suffix>``."""
-    import tempfile
-
-    return (os.path.isabs(path) and os.path.dirname(path) == tempfile.gettempdir()
-            and os.path.basename(path).startswith("tmp") and os.path.isfile(path))
 
 
 class MyApp(MONAILabelApp):
@@ -280,7 +273,7 @@ class MyApp(MONAILabelApp):
         request = dict(request)
         request.pop("vlseg_image_id", None)
         image = request.get("image")
-        if isinstance(image, str) and image and not _is_upload(image):
+        if isinstance(image, str) and image and not is_upload(image):
             # an image id of the datastore; never a path of the server's file system (absolute, ../, symlinks
             # leading out of the studies folder)
             ds = datastore if datastore else self.datastore()
@@ -296,8 +289,7 @@ class MyApp(MONAILabelApp):
             return super().infer(request, datastore)
         except BaseException:
             # MONAI Label removes an uploaded file in a background task that runs only after a successful answer
-            if isinstance(image, str) and _is_upload(image):
-                os.remove(image)
+            discard_upload(image)
             raise
 
     def on_save_label(self, image_id, label_id):

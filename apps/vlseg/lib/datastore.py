@@ -14,7 +14,6 @@ import json
 import os
 import re
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from monailabel.datastore.local import LocalDatastore
@@ -71,7 +70,7 @@ class PromptCheckingDatastore(LocalDatastore):
                     info[key] = check_prompt(info[key])
             check_label_shape(self.get_image_uri(image_id), label_filename)
         except RequestError as e:
-            _discard_upload(label_filename)
+            imageio.discard_upload(label_filename)
             raise http_error(e) from None
         return super().save_label(image_id, label_filename, label_tag, info)
 
@@ -102,15 +101,3 @@ class PromptCheckingDatastore(LocalDatastore):
                 write()
         else:
             write()
-
-
-def _discard_upload(path) -> None:
-    """Delete the server's temporary copy of a refused label upload. MONAI Label removes it only after a
-    successful answer (a background task of the response), so a refused one would stay in the temp folder. Only
-    files inside the temp folder are touched (never a datastore file or a caller's own file)."""
-    try:
-        f = Path(str(path)).resolve()
-        if f.is_file() and f.is_relative_to(Path(tempfile.gettempdir()).resolve()):
-            f.unlink()
-    except (OSError, ValueError, TypeError):
-        pass

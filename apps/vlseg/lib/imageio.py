@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "is_upload",
+    "discard_upload",
     "IMAGE_2D_EXT",
     "VOLUME_EXT",
     "image_kind",
@@ -250,3 +252,23 @@ def npy_base64(array: np.ndarray) -> str:
 def suffix_of(path) -> str:
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def is_upload(path) -> bool:
+    """A file MONAI Label wrote for an upload (``/infer`` file, ``/datastore/label`` label): an existing
+    ``<tempdir>/tmpXXXXXXXX<suffix>``."""
+    import tempfile
+
+    return (isinstance(path, str) and os.path.isabs(path) and os.path.dirname(path) == tempfile.gettempdir()
+            and os.path.basename(path).startswith("tmp") and os.path.isfile(path))
+
+
+def discard_upload(path) -> None:
+    """Delete the server's temporary copy of a refused upload. MONAI Label removes it only after a successful
+    answer (a background task of the response), so a refused one would stay in the temp folder. Only such upload
+    files are touched (:func:`is_upload`), never a datastore file or a caller's own file."""
+    if is_upload(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
