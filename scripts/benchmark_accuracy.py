@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Accuracy under an equal CPU budget: the three bundles and MONAI BasicUNet trained from random initialisation.
 
-Every model gets the same wall-clock training budget (``--budget-seconds``, measured by the training loop,
-validation included; data caching and process start-up excluded and reported separately). Bundles train with their
+Every model gets the same training budget (``--budget-seconds``, measured by the training loop, validation included;
+data caching and process start-up excluded and reported separately), in wall-clock seconds or, with
+``--budget-clock process``, in CPU seconds of the training process (fair when other work shares the machine). Bundles train with their
 own ``configs/train.json`` (+ the variant file) through ``python -m monai.bundle run`` with overrides for the
 datalist, the output folders, the budget and ``train_encoders`` (no pretrained weights can be fetched here);
 the best-validation checkpoint is evaluated on the test split with the bundle's own inference preprocessing and
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 from vlseg.bench.bundles import load_bundle_model
-from vlseg.bench.cli import base_parser, command_line, log, out_dir
+from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_words, command_line, log, out_dir
 from vlseg.bench.data import BenchData, cache_dir, resolve_data, subset_items, write_datalist
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, bar_plot, line_plot
@@ -32,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--datalist", type=Path, default=None, help="canonical datalist (default: Kvasir-SEG or the demo set)")
     p.add_argument("--variant", default=None, help="bundle variant to train (default small; quick: tiny)")
     p.add_argument("--budget-seconds", type=float, default=None, help="training budget per model (default 900; quick 8)")
+    add_budget_clock(p)
     p.add_argument("--fractions", nargs="*", type=int, default=None, help="data-efficiency subsets in %% (default 10 25 50 100)")
     p.add_argument("--efficiency-bundles", nargs="*", default=None,
                    help="bundles trained on every subset (default: the first bundle)")
@@ -104,10 +106,7 @@ def make_datalist(data: BenchData, path: Path, train_items, val_items, test_item
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     out = out_dir(args)
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "work" / ("accuracy_quick" if args.quick else "accuracy")
     work.mkdir(parents=True, exist_ok=True)
@@ -116,13 +115,13 @@ def main(argv=None) -> int:
     rep = Report(out, f"Accuracy under an equal CPU training budget ({data.name})", command_line())
     rep.machine()
     extra = parse_overrides(args.override)
-    if args.quick:
-        extra.setdefault("num_workers", 0)
+    if args.quick or args.budget_clock == "process":
+        extra.setdefault("num_workers", 0)  # process clock: data loading must run inside the budgeted process
     bundles = find_bundles(args.bundles_dir, args.bundles)
     eff = args.efficiency_bundles if args.efficiency_bundles is not None else [b.name for b in bundles[:1]]
     train_all, val_all, test_items = data.items("training"), data.items("validation"), data.items("test")
     log(f"data: {data.name} ({len(train_all)} train / {len(val_all)} val / {len(test_items)} test items), "
-        f"budget {args.budget_seconds:.0f} s per model, variant {args.variant}")
+        f"budget {args.budget_seconds:.0f} {budget_words(args.budget_clock)} per model, variant {args.variant}")
 
     models = []
 
@@ -151,7 +150,7 @@ def main(argv=None) -> int:
             variant = None if variant_label(args.variant) == "paper" else args.variant
             try:
                 r = train_bundle(b, variant, dl, wd, args.budget_seconds, extra=extra, timeout=args.timeout,
-                                 in_process=args.in_process, epoch_length=args.epoch_length)
+                                 in_process=args.in_process, epoch_length=args.epoch_length, clock=args.budget_clock)
             except Exception as e:  # noqa: BLE001 - e.g. a bundle without the variant file: report, go on
                 log(f"  FAILED: {type(e).__name__}: {e}")
                 models.append(dict(name=b.name, variant=variant_label(args.variant), fraction=frac, n_train=len(train_items),
@@ -174,22 +173,24 @@ def main(argv=None) -> int:
         size = (64, 64) if args.quick else (224, 224)
         t = time.perf_counter()
         r = train_basicunet(train_all, val_all, args.budget_seconds, work / "monai_basicunet", size=size,
-                            epoch_length=args.epoch_length)
+                            epoch_length=args.epoch_length, clock=args.budget_clock)
         bm = basicunet_model(r["checkpoint"], size=size)
         evaluate(bm, "monai_basicunet", "default", 100,
                  {"checkpoint": str(r["checkpoint"]), "train_wall_s": time.perf_counter() - t, "epochs": r["epochs"],
-                  "stopped_by_budget": True, "n_train": r["n_train"], "train_loop_s": r["train_s"], "size": list(size)})
+                  "stopped_by_budget": True, "n_train": r["n_train"], "train_loop_s": r["train_s"],
+                  "train_loop_wall_s": r["train_wall_s"], "size": list(size)})
 
     # ------------------------------------------------------------------------------------------------ report
     rep.results.update(models=models, data={"name": data.name, "datalist": str(data.datalist), "kind": data.kind,
                                             "n_train": len(train_all), "n_val": len(val_all), "n_test": len(test_items)},
-                       settings={"budget_seconds": args.budget_seconds, "variant": args.variant,
+                       settings={"budget_seconds": args.budget_seconds, "budget_clock": args.budget_clock,
+                                 "threads": args.threads, "variant": args.variant,
                                  "fractions": args.fractions, "efficiency_bundles": eff, "overrides": extra})
     rep.h2("Setup")
     rep.bullets([
         f"Data: {data.description or data.name}; {len(train_all)} training / {len(val_all)} validation / "
         f"{len(test_items)} test items; datalist `{data.datalist}`.",
-        f"Budget: **{args.budget_seconds:.0f} s of training wall clock per model** (validation included; the bundles stop "
+        f"Budget: **{args.budget_seconds:.0f} {budget_words(args.budget_clock)} per model** (validation included; the bundles stop "
         "with `StopAfterSeconds` when the next epoch would not fit), random initialisation, encoders trainable "
         "(`train_encoders: true` where the bundle has the switch).",
         f"Bundles: variant `{args.variant}`, their own `train.json` run by "
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     if good:
         bar_plot(out / "accuracy.png", [m["name"] for m in good],
                  {k: [m["test"][k] for m in good] for k in ("dice", "iou", "nsd")},
-                 "score", f"Test accuracy after {args.budget_seconds:.0f} s of CPU training", ylim=(0, 1),
+                 "score", f"Test accuracy after {args.budget_seconds:.0f} {'CPU ' if args.budget_clock == 'process' else ''}s of training", ylim=(0, 1),
                  errors={k: [m["test"][f"{k}_std"] for m in good] for k in ("dice", "iou", "nsd")})
         rep.image(out / "accuracy.png", "Dice / IoU / NSD on the test split (error bars: std over images)")
     effm = [m for m in models if m["name"] in eff]
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
                 series[name] = ([p[0] for p in pts], [p[1] for p in pts])
         if series:
             line_plot(out / "data_efficiency.png", series, "training data used (%)", "test Dice",
-                      f"Data efficiency (same {args.budget_seconds:.0f} s budget)")
+                      f"Data efficiency (same {args.budget_seconds:.0f} {'CPU ' if args.budget_clock == 'process' else ''}s budget)")
             rep.image(out / "data_efficiency.png", "Test Dice against the fraction of training data")
         rep.p("Every subset gets the same time budget, so smaller subsets see each image more often.")
     path = rep.write()

@@ -28,7 +28,7 @@ import numpy as np
 
 from vlseg.bench.active import AppActiveLearner, AppUnavailable, item_key
 from vlseg.bench.bundles import load_bundle_model
-from vlseg.bench.cli import base_parser, command_line, log, out_dir
+from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_words, command_line, log, out_dir
 from vlseg.bench.data import cache_dir, resolve_data, write_datalist
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, line_plot
@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--bundle", default=None, help="bundle to simulate with (default: uavls if present, else the first)")
     p.add_argument("--variant", default=None, help="default small; quick: tiny")
     p.add_argument("--budget-seconds", type=float, default=None, help="training budget per round (default 300; quick 6)")
+    add_budget_clock(p)
     p.add_argument("--initial", type=float, default=10.0, help="initially labelled %% of the training set")
     p.add_argument("--step", type=float, default=10.0, help="%% of the training set added per round")
     p.add_argument("--max-fraction", type=float, default=None, help="stop after this labelled %% (default 100; quick 50)")
@@ -90,10 +91,7 @@ def fraction_needed(fracs, dices, target) -> float | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     out = out_dir(args)
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "work" / ("al_quick" if args.quick else "al")
     data = resolve_data(args.datalist, quick=args.quick,
@@ -120,9 +118,10 @@ def main(argv=None) -> int:
             extra[k] = json.loads(v)
         except ValueError:
             extra[k] = v
-    if args.quick:
-        extra.setdefault("num_workers", 0)
-    log(f"{bundle.name} ({args.variant}); pool {n}, rounds at {steps} % -> {counts} items; budget {args.budget_seconds:.0f} s")
+    if args.quick or args.budget_clock == "process":
+        extra.setdefault("num_workers", 0)  # process clock: data loading must run inside the budgeted process
+    log(f"{bundle.name} ({args.variant}); pool {n}, rounds at {steps} % -> {counts} items; "
+        f"budget {args.budget_seconds:.0f} {budget_words(args.budget_clock)}")
 
     cache: dict[tuple, dict] = {}  # identical labelled sets are trained once
 
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
         dl = write_datalist({"name": data.name, "training": [by_key[k] for k in labeled], "validation": val_items,
                              "test": test_items}, wd / "datalist.json")
         r = train_bundle(bundle, variant, dl, wd, args.budget_seconds, extra=extra, in_process=args.in_process,
-                         timeout=args.budget_seconds * 3 + 600, epoch_length=args.epoch_length)
+                         timeout=args.budget_seconds * 3 + 600, epoch_length=args.epoch_length, clock=args.budget_clock)
         if not r.ok:
             res = {"dice": float("nan"), "error": r.error, "copy": None}
         else:
@@ -204,6 +203,7 @@ def main(argv=None) -> int:
                        fraction_needed_random=need_r, random_mean=rand_mean, random_std=rand_std, steps=steps,
                        counts=counts, app_error=app_error, scoring_seconds=t_scoring,
                        settings={"bundle": bundle.name, "variant": args.variant, "budget_seconds": args.budget_seconds,
+                                 "budget_clock": args.budget_clock, "threads": args.threads,
                                  "seeds": args.seeds, "scoring_samples": args.scoring_samples, "overrides": extra},
                        data={"name": data.name, "datalist": str(data.datalist), "n_pool": n, "n_test": len(test_items)})
     rep.h2("Setup")
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
         f"Bundle `{bundle.name}` variant `{args.variant}`; pool = {n} training items of {data.name}; {len(val_items)} "
         f"validation items (checkpoint choice) and {len(test_items)} test items (reported Dice, {args.eval_samples} pass).",
         f"Rounds: {', '.join(f'{f:g}%' for f in steps)} labelled ({', '.join(map(str, counts))} items); every round "
-        f"retrains from random initialisation for **{args.budget_seconds:.0f} s** (the bundle's train config via monai.bundle).",
+        f"retrains from random initialisation for **{args.budget_seconds:.0f} {budget_words(args.budget_clock)}** (the bundle's "
+        "train config via monai.bundle).",
         f"Uncertainty: the app's `UncertaintyScoring` ({args.scoring_samples} passes, prompt = caption) + `MostUncertain` "
         f"(score `vlseg_uncertainty_top5`), one pick at a time. Random: {args.seeds} seed(s); seed 0 shares the "
         "initial labelled set with the uncertainty run.",
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         bands[f"random (mean of {len(rand)})"] = rand_std
     if series:
         line_plot(out / "active_learning.png", series, "labelled fraction of the training set (%)", "test Dice",
-                  f"Active learning ({bundle.name}, {args.budget_seconds:.0f} s per round)", bands=bands,
+                  f"Active learning ({bundle.name}, {args.budget_seconds:.0f} {'CPU ' if args.budget_clock == 'process' else ''}s per round)", bands=bands,
                   hlines={"95% of full-data Dice": target} if target else None)
         rep.image(out / "active_learning.png", "Test Dice against the labelled fraction (band: ± std over random seeds)")
     rep.h2("Labelling saved")

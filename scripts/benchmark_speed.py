@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from vlseg.bundles import find_bundles, variant_label
-from vlseg.bench.cli import base_parser, command_line, log, out_dir
+from vlseg.bench.cli import apply_threads, base_parser, command_line, log, out_dir
 from vlseg.bench.report import Report, bar_plot
 from vlseg.bench.speed import matmul_gflops
 
@@ -153,10 +153,7 @@ def _ms(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     out = out_dir(args)
     rep = Report(out, "Speed and cost on CPU", command_line())
     rep.machine()

@@ -69,6 +69,81 @@ def test_fraction_needed_interpolates():
     assert al.fraction_needed([10, 20], [0.5, 0.6], 0.8) is None
 
 
+def _script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_t_{name}", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_summary_merges_runs_part_by_part(tmp_path):
+    """A report assembled in several runs keeps every part; a run whose parts were all re-run drops out of the total."""
+    ba = _script("benchmark_all")
+    path = tmp_path / "summary.json"
+
+    def run(rid, parts, wall, quick=False):
+        summary = ba.merge_summary(path, {p: {"rc": 0, "error": None, "seconds": wall} for p in parts},
+                                   {"id": rid, "command": f"cmd {rid}", "parts": parts, "wall_seconds": wall,
+                                    "finished": rid}, quick, {})
+        path.write_text(json.dumps(summary))
+        return summary
+
+    run("a", ["speed"], 100.0)
+    s = run("b", ["accuracy", "prompts"], 50.0)
+    assert set(s["parts"]) == {"speed", "accuracy", "prompts"} and s["total_seconds"] == 150.0
+    s = run("c", ["speed"], 70.0)  # speed re-run: run a no longer backs any part
+    assert [r["id"] for r in s["runs"]] == ["b", "c"] and s["parts"]["speed"]["run"] == "c" and s["total_seconds"] == 120.0
+    s = run("d", ["speed"], 5.0, quick=True)  # a smoke test never mixes with evidence
+    assert list(s["parts"]) == ["speed"] and s["total_seconds"] == 5.0
+    ba.write_index(tmp_path, s)
+    assert "--quick" in (tmp_path / "README.md").read_text()
+
+
+def test_bundle_docs_take_their_numbers_from_the_reports(tmp_path):
+    """vlseg.bench.docs rewrites only the marked block, with the numbers of results.json, and is idempotent."""
+    from vlseg.bench.docs import END, START, update_bundle_docs
+
+    rep = tmp_path / "reports"
+    for part, res in {
+        "speed": {"matmul_peak_gflops": 100.0, "cases": [
+            {"label": "toy (small)", "input_size": [224, 224], "params": {"total": 1000, "trainable": 10}, "flops_b1": 2.5e9,
+             "latency": {"1": {"median_s": 0.125}, "8": {"skipped": "guard", "warmup_s": 99.0}}, "train": {"images_per_s": 3.5}},
+            {"label": "monai_unet", "params": {"total": 1, "trainable": 1}, "latency": {"1": {"median_s": 0.025}}}]},
+        "accuracy": {"settings": {"budget_seconds": 450.0, "budget_clock": "process", "threads": 1, "variant": "small"},
+                     "data": {"name": "Kvasir-SEG", "n_test": 100},
+                     "models": [{"name": "toy", "fraction": 100, "n_train": 800, "epochs": 7,
+                                 "test": {"dice": 0.8123, "iou": 0.7, "nsd": 0.6}},
+                                {"name": "toy", "fraction": 10, "n_train": 80, "epochs": 30,
+                                 "test": {"dice": 0.5012, "iou": 0.4, "nsd": 0.3}},
+                                {"name": "monai_basicunet", "fraction": 100, "n_train": 800, "epochs": 3,
+                                 "test": {"dice": 0.4567, "iou": 0.3, "nsd": 0.2}}]},
+        "prompts": {"keys": ["p1", "p9"], "models": {"toy (small)": {"dice": {"p1": 0.7011, "p9": 0.8022}}}},
+        "uncertainty": {"models": {"toy (small)": {"samples": 8, "ece": 0.01234, "auroc_error": 0.8766,
+                                                   "region_mean": {"boundary": 0.2, "interior": 0.05, "background": 0.001},
+                                                   "image_spearman_uncertainty_vs_error": 0.4321}}},
+        "active_learning": {"settings": {"bundle": "toy", "budget_seconds": 150.0, "budget_clock": "process", "seeds": 3},
+                            "full_data_dice": 0.75, "fraction_needed_uncertainty": 22.5, "fraction_needed_random": None,
+                            "steps": [10.0, 20.0, 30.0]},
+    }.items():
+        (rep / part).mkdir(parents=True)
+        (rep / part / "results.json").write_text(json.dumps(res))
+    doc = tmp_path / "bundles" / "toy" / "docs" / "README.md"
+    doc.parent.mkdir(parents=True)
+    doc.write_text(f"# toy\n\nkept above\n\n{START}\nold 0.999\n{END}\n\nkept below\n")
+    assert update_bundle_docs(rep, tmp_path / "bundles") == [doc]
+    text = doc.read_text()
+    assert text.startswith("# toy\n\nkept above\n") and text.endswith(f"{END}\n\nkept below\n") and "0.999" not in text
+    for expected in ("| small | 224x224 | 1,000 | 10 | 2.50 | 125 | skipped (one pass 99 s) | 5.0x | 3.50 |",
+                     "**450 CPU s (process clock)**", "| 100 % | 800 | 0.812 |", "| 10 % | 80 | 0.501 |",
+                     "| MONAI BasicUNet, 100 % (text-blind) | 800 | 0.457 |", "| small | 0.701 | 0.802 |",
+                     "| small | 8 | 0.0123 | 0.877 | 0.2000 | 0.0500 | 0.0010 | 0.432 |",
+                     "reached at 22.5 % labelled", "at not reached by 30 % with random selection"):
+        assert expected in text, expected
+    assert update_bundle_docs(rep, tmp_path / "bundles") == []  # idempotent
+
+
 def test_report_table_and_formatting(tmp_path):
     from vlseg.bench.report import Report, fmt
 
@@ -97,8 +172,8 @@ def quick_reports(bench_demo, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reports")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg",
                VLSEG_BENCH_CACHE=str(tmp_path_factory.mktemp("bench_cache")))
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_all.py"), "--quick", "--out", str(out),
-                           "--datalist", str(bench_demo)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_all.py"), "--quick", "--concurrent",
+                           "--out", str(out), "--datalist", str(bench_demo)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     (out / "pytest_log.txt").write_text(proc.stdout + "\n" + proc.stderr)
     assert proc.returncode == 0, f"benchmark_all --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out
@@ -121,10 +196,14 @@ def _results(out: Path, part: str) -> dict:
 def test_index_links_every_part(quick_reports):
     index = (quick_reports / "README.md").read_text()
     summary = json.loads((quick_reports / "summary.json").read_text())
-    assert summary["total_seconds"] > 0 and "Total wall time" in index
+    assert summary["total_seconds"] > 0 and "Wall time of those runs" in index
     for part in PARTS:
         assert f"]({part}/report.md)" in index
         assert summary["parts"][part]["rc"] == 0
+    # --concurrent: the training parts ran in branches with one thread and CPU-second budgets
+    for part in ("accuracy", "active_learning"):
+        res = json.loads((quick_reports / part / "results.json").read_text())
+        assert res["settings"]["budget_clock"] == "process" and res["settings"]["threads"] == 1
 
 
 @pytest.mark.slow
@@ -153,6 +232,8 @@ def test_accuracy_quick_trains_every_bundle_and_the_baseline(quick_reports):
     for name, m in full.items():
         assert "error" not in m, m.get("error")
         assert Path(m["checkpoint"]).is_file()
+        if name != "monai_basicunet":
+            assert m["overrides"]["max_train_clock"] == "process" and m["overrides"]["num_workers"] == 0
         for k in ("dice", "iou", "nsd"):
             assert 0.0 <= m["test"][k] <= 1.0
     assert any(m["fraction"] < 100 for m in res["models"])  # data efficiency

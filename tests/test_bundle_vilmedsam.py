@@ -424,6 +424,24 @@ def test_alignment_loss_trains_clip_and_ignores_empty_masks(scripts_mod):
     assert float(empty) == 0.0
 
 
+def test_alignment_stage_on_resume_only_freezes_the_clip(scripts_mod):
+    """Resuming: the aligned CLIP comes from the checkpoint, so the stage must not spend its budget aligning again."""
+    torch.manual_seed(0)
+    net = scripts_mod.SimpleViLMedSAM(**TINY, train_encoders=True, align=True).train()
+    ids, mask = _tokens(["polyp", "cyst"])
+    lab = torch.zeros(2, 1, 64, 64)
+    lab[:, :, :16, :16] = 1
+    batches = [{"image": torch.rand(2, 3, 64, 64) * 255, "text_ids": ids, "label": lab}]
+    before = {k: v.clone() for k, v in net.clip.state_dict().items()}
+    info = scripts_mod.handlers.CLIPAlignmentStage(net, batches, max_iterations=3, resume="full_state_1.pt").run()
+    assert "skipped" in info and net.mode_info["clip_alignment_stage"] == info
+    assert all(torch.equal(before[k], v) for k, v in net.clip.state_dict().items())  # no optimisation step
+    assert not any(p.requires_grad for p in net.clip.parameters()) and net.mode_info["clip_trainable"] is False
+    net2 = scripts_mod.SimpleViLMedSAM(**TINY, train_encoders=True, align=True).train()
+    info2 = scripts_mod.handlers.CLIPAlignmentStage(net2, batches, max_iterations=3).run()  # a fresh run aligns
+    assert info2["iterations"] == 3 and not any(p.requires_grad for p in net2.clip.parameters())
+
+
 # --------------------------------------------------------------------------- loss terms
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vlseg.bench.report import default_out_dir, repo_root
 
-__all__ = ["base_parser", "out_dir", "command_line", "log"]
+__all__ = ["base_parser", "add_budget_clock", "apply_threads", "budget_words", "out_dir", "command_line", "log"]
 
 
 def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -23,6 +23,31 @@ def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.set_defaults(_name=name)
     return p
+
+
+def add_budget_clock(p: argparse.ArgumentParser) -> None:
+    """``--budget-clock``: what a training budget counts (the bundles' ``max_train_clock``)."""
+    p.add_argument("--budget-clock", choices=("wall", "process"), default="wall",
+                   help="what the training budget counts: 'wall' seconds (default; needs an otherwise idle machine) or "
+                        "'process' CPU seconds of the training process, all threads (fair when parts run side by side; "
+                        "data-loader workers are then turned off so that all data work is inside the budget)")
+
+
+def budget_words(clock: str) -> str:
+    """How a report names the budget's unit."""
+    return "s of training wall clock" if clock == "wall" else "CPU s of the training process (process clock)"
+
+
+def apply_threads(threads: int | None) -> None:
+    """Use ``threads`` torch threads here and in every training subprocess started from here (through
+    ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, which a fresh torch reads at start-up)."""
+    if not threads:
+        return
+    import torch
+
+    torch.set_num_threads(int(threads))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(int(threads))
 
 
 def out_dir(args) -> Path:

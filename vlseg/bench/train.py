@@ -1,11 +1,12 @@
-"""Train a bundle with its own ``configs/train.json`` through ``python -m monai.bundle run``, on a wall-clock budget.
+"""Train a bundle with its own ``configs/train.json`` through ``python -m monai.bundle run``, on a time budget.
 
 The bundle folder is copied (without ``models/``, so no checkpoint or pretrained file of the working copy is read
 or overwritten: training starts from random initialisation) into a work folder, and run there with overrides for
 
 * ``datalist`` (the benchmark's own datalist file: a subset, or the labeled pool of an active-learning round),
 * ``ckpt_dir`` / ``output_dir`` (inside the work folder),
-* ``max_train_seconds`` (the budget; the bundles stop with ``vlseg.engine_handlers.StopAfterSeconds``),
+* ``max_train_seconds`` / ``max_train_clock`` (the budget, wall or process-CPU seconds; the bundles stop with
+  ``vlseg.engine_handlers.StopAfterSeconds``),
 * ``train_encoders`` true where the config has it (no pretrained weights here, so frozen encoders would stay random),
 
 plus any ``extra`` overrides whose keys the config has. The best-validation checkpoint (``ckpt_dir/model.pt``) is
@@ -130,12 +131,16 @@ def _drop_handlers_on(stream) -> None:
 
 def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_dir: Path, max_seconds: float,
                  extra: Mapping[str, Any] | None = None, timeout: float | None = None, in_process: bool = False,
-                 epoch_length: int | None = None) -> TrainResult:
+                 epoch_length: int | None = None, clock: str = "wall") -> TrainResult:
     """Train in a copy of the bundle under ``work_dir``; returns where the checkpoint is and how it went.
 
     ``epoch_length`` (iterations per ignite epoch; the bundle's ``epoch_length`` key, else ``train#trainer#epoch_length``)
     makes validation and the best-checkpoint save happen every that many iterations, so a budget shorter than a
     full pass over a large training set still leaves a checkpoint.
+
+    ``clock`` is what ``max_seconds`` counts (the bundle's ``max_train_clock``): ``"wall"`` seconds or ``"process"``
+    CPU seconds of the training process; it is set whatever the variant file says, so every model of a benchmark
+    gets the same kind of budget.
 
     ``in_process`` runs ``monai.bundle.run`` in this process instead of ``python -m monai.bundle run`` (same
     configs and overrides; saves the interpreter and import start-up, for quick runs).
@@ -166,8 +171,12 @@ def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_di
     }
     if "output_dir" in keys:
         overrides["output_dir"] = str(work_dir / "runs")
-    if "max_train_clock" in keys:  # equal budgets are wall-clock seconds here, whatever a variant file sets
-        overrides["max_train_clock"] = "wall"
+    if "max_train_clock" in keys:  # one kind of budget for every model, whatever a variant file sets
+        overrides["max_train_clock"] = clock
+    elif clock != "wall":
+        log.write_text(f"train config lacks max_train_clock (needed for a {clock}-clock budget)\n")
+        return TrainResult(bundle_root.name, variant_label(variant), None, 0.0, -1, log, cmd,
+                           error=f"{bundle_root.name}/configs/train.json has no max_train_clock (needed for a {clock}-clock budget)")
     if "train_encoders" in keys:
         overrides["train_encoders"] = True
     if epoch_length:

@@ -67,13 +67,10 @@ def start_trained_benchmark(args):
     threads (``--threads``), the output folder and the test data (``--datalist``, else the accuracy benchmark's
     datalist from ``--from-accuracy``, else the default; ``--max-test`` items at most). Returns ``(out_dir, data,
     accuracy results)`` (``{}`` without an accuracy ``results.json``)."""
-    import torch
-
-    from vlseg.bench.cli import out_dir
+    from vlseg.bench.cli import apply_threads, out_dir
     from vlseg.bench.data import resolve_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     out = out_dir(args)
     acc = json.loads(args.from_accuracy.read_text()) if args.from_accuracy and args.from_accuracy.is_file() else {}
     dl = args.datalist or ((acc.get("data") or {}).get("datalist") if acc else None)

@@ -14,7 +14,6 @@ The inference output transforms (``OutputNamed``, ``SaveArrayd``, ``SaveOverlayd
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 import torch
@@ -63,12 +62,16 @@ class CLIPAlignmentStage:
     seconds, as :class:`vlseg.engine_handlers.StopAfterSeconds`) and/or ``max_iterations``. Then
     the CLIP towers are frozen, so the main training is the paper's (CLIP frozen, M2IB maps cacheable).
     Under torch.distributed the CLIP gradients are averaged over ranks and the stop decision is shared.
-    Does nothing when the CLIP is not trainable (pretrained weights loaded) or no budget is given.
+    Does nothing when the CLIP is not trainable (pretrained weights loaded) or no budget is given. When the run
+    resumes from a full-state checkpoint (``resume``), the aligned CLIP weights come from that checkpoint: the stage
+    only freezes the CLIP towers instead of aligning again (the checkpoint would overwrite that work anyway).
     """
 
     def __init__(self, network, dataloader, max_seconds: float | None = None, max_iterations: int | None = None,
-                 lr: float = 1e-3, weight_decay: float = 1e-4, log_every: int = 50, device=None, clock: str = "wall"):
+                 lr: float = 1e-3, weight_decay: float = 1e-4, log_every: int = 50, device=None, clock: str = "wall",
+                 resume: str | None = None):
         self.network = network
+        self.resume = resume
         self.dataloader = dataloader
         self.max_seconds = float(max_seconds or 0)
         self.clock = clock
@@ -88,6 +91,12 @@ class CLIPAlignmentStage:
         params = [p for p in net.clip.parameters() if p.requires_grad]
         if not params or (self.max_seconds <= 0 and self.max_iterations <= 0):
             return {}
+        if self.resume:
+            self._freeze(net)
+            info = {"skipped": f"resuming from {self.resume}: aligned CLIP weights come from the checkpoint"}
+            net.mode_info["clip_alignment_stage"] = info
+            logger.info("CLIP alignment stage skipped, CLIP frozen: %s", info["skipped"])
+            return info
         device = self.device or next(net.parameters()).device
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -126,13 +135,17 @@ class CLIPAlignmentStage:
                 if dist_any(stop):
                     done = True
                     break
-        for p in net.clip.parameters():
-            p.requires_grad_(False)
+        self._freeze(net)
         net.train(was_training)
         tail = max(1, min(50, len(losses)))
         info = {"iterations": it, "seconds": round(self._now() - t0, 1),
                 "final_loss": float(np.mean(losses[-tail:])), "final_pointing_accuracy": float(np.mean(accs[-tail:]))}
-        net.mode_info["clip_trainable"] = False
         net.mode_info["clip_alignment_stage"] = info
         logger.info("CLIP alignment stage done, CLIP frozen: %s", info)
         return info
+
+    @staticmethod
+    def _freeze(net) -> None:
+        for p in net.clip.parameters():
+            p.requires_grad_(False)
+        net.mode_info["clip_trainable"] = False
