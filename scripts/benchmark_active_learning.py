@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     app_error = None
     t_scoring = 0.0
     # (a) uncertainty strategy (seed 0's initial set) -------------------------------------------------------------
-    init = random.Random(0).sample(keys, counts[0])
+    init = random.Random(0).sample(keys, n)[:counts[0]]  # = the first round of random seed 0 (same draw)
     try:
         learner = AppActiveLearner(pool, set(init), work / "studies_uncertainty", num_samples=args.scoring_samples)
     except AppUnavailable as e:

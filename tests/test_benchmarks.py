@@ -268,6 +268,7 @@ def test_active_learning_quick_uses_the_app_strategy(quick_reports):
     assert [p["n_labeled"] for p in unc] == res["counts"]
     assert unc[0]["scored"] > 0  # the app's scoring ran on the unlabelled pool
     assert any(k.startswith("random") for k in res["curves"])
+    assert res["curves"]["random (seed 0)"][0].get("reused") is True  # seed 0 starts from the uncertainty run's set
     assert res["full_data_dice"] is not None
 
 
