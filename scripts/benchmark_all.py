@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -195,7 +196,9 @@ def run_concurrent(args) -> dict:
         logf = args.out / f"branch_{'_'.join(parts)}.log"
         log(f"branch {i}: {' -> '.join(parts)} (1 thread, process-clock budgets); log {logf}")
         with open(logf, "w") as f:
-            procs.append((parts, sf, subprocess.Popen(branch_argv(parts, args, sf), stdout=f, stderr=subprocess.STDOUT)))
+            env = dict(os.environ, VLSEG_BENCH_COMMAND=os.environ.get("VLSEG_BENCH_COMMAND") or command_line())
+            procs.append((parts, sf, subprocess.Popen(branch_argv(parts, args, sf), stdout=f, stderr=subprocess.STDOUT,
+                                                      env=env)))
     for parts, sf, proc in procs:
         rc = proc.wait()
         got = json.loads(sf.read_text()) if sf.is_file() else {}

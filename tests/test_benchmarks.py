@@ -144,6 +144,28 @@ def test_bundle_docs_take_their_numbers_from_the_reports(tmp_path):
     assert update_bundle_docs(rep, tmp_path / "bundles") == []  # idempotent
 
 
+def test_committed_report_and_bundle_docs_agree():
+    """The committed reports/ is real evidence (not a --quick run), its index links every part it lists, and every
+    bundle doc's benchmark block is exactly what vlseg.bench.docs builds from it (no stale or hand-typed numbers)."""
+    from vlseg.bench.docs import END, START, bundle_block
+
+    rep = REPO / "reports"
+    if not (rep / "summary.json").is_file():
+        pytest.skip("no committed benchmark report")
+    summary = json.loads((rep / "summary.json").read_text())
+    assert summary["quick"] is False and summary["runs"]
+    index = (rep / "README.md").read_text()
+    assert "](reports/README.md)" in (REPO / "README.md").read_text()  # the project README links the report
+    for part, st in summary["parts"].items():
+        assert (rep / part / "report.md").is_file() and f"]({part}/report.md)" in index, part
+        assert any(r["id"] == st["run"] for r in summary["runs"]), part
+    for doc in sorted((REPO / "bundles").glob("*/docs/README.md")):
+        text = doc.read_text()
+        assert START in text and END in text, f"{doc}: no benchmark-report block"
+        block = text.split(START, 1)[1].split(END, 1)[0]
+        assert block == "\n" + bundle_block(doc.parent.parent.name, rep), f"{doc}: run python -m vlseg.bench.docs"
+
+
 def test_report_table_and_formatting(tmp_path):
     from vlseg.bench.report import Report, fmt
 
@@ -204,6 +226,8 @@ def test_index_links_every_part(quick_reports):
     for part in ("accuracy", "active_learning"):
         res = json.loads((quick_reports / part / "results.json").read_text())
         assert res["settings"]["budget_clock"] == "process" and res["settings"]["threads"] == 1
+        text = (quick_reports / part / "report.md").read_text()
+        assert "--concurrent" in text and "--status-file" not in text  # "Reproduce:" names the command the user ran
 
 
 @pytest.mark.slow

@@ -57,6 +57,10 @@ def out_dir(args) -> Path:
 
 
 def command_line() -> str:
+    """The command that reproduces this run: this process's own, or the parent's when a ``--concurrent`` branch
+    (``VLSEG_BENCH_COMMAND``) started it."""
+    if os.environ.get("VLSEG_BENCH_COMMAND"):
+        return os.environ["VLSEG_BENCH_COMMAND"]
     script = os.path.relpath(sys.argv[0], repo_root()) if os.path.isabs(sys.argv[0]) else sys.argv[0]
     return " ".join(["python", shlex.quote(script)] + [shlex.quote(a) for a in sys.argv[1:]])
 
