@@ -218,10 +218,10 @@ def line_plot(path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, (xs, ys) in series.items():
         xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-        ax.plot(xs, ys, marker="o", ms=4, label=name)
-        if bands and name in bands:
+        (line,) = ax.plot(xs, ys, marker="o", ms=4, label=name)
+        if bands and name in bands:  # the band in its line's colour
             b = np.asarray(bands[name], dtype=float)
-            ax.fill_between(xs, ys - b, ys + b, alpha=0.2)
+            ax.fill_between(xs, ys - b, ys + b, alpha=0.2, color=line.get_color(), label=f"{name} ± std")
     for name, y in (hlines or {}).items():
         ax.axhline(y, ls="--", lw=1, color="grey")
         ax.text(ax.get_xlim()[0], y, f" {name}", va="bottom", fontsize=8, color="grey")
