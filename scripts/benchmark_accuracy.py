@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from vlseg.bench.bundles import load_bundle_model
-from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_words, command_line, log, out_dir
+from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_unit, budget_words, command_line, log, out_dir
 from vlseg.bench.data import BenchData, cache_dir, resolve_data, subset_items, write_datalist
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, bar_plot, line_plot
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     if good:
         bar_plot(out / "accuracy.png", [m["name"] for m in good],
                  {k: [m["test"][k] for m in good] for k in ("dice", "iou", "nsd")},
-                 "score", f"Test accuracy after {args.budget_seconds:.0f} {'CPU ' if args.budget_clock == 'process' else ''}s of training", ylim=(0, 1),
+                 "score", f"Test accuracy after {args.budget_seconds:.0f} {budget_unit(args.budget_clock)} of training", ylim=(0, 1),
                  errors={k: [m["test"][f"{k}_std"] for m in good] for k in ("dice", "iou", "nsd")})
         rep.image(out / "accuracy.png", "Dice / IoU / NSD on the test split (error bars: std over images)")
     effm = [m for m in models if m["name"] in eff]
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                 series[name] = ([p[0] for p in pts], [p[1] for p in pts])
         if series:
             line_plot(out / "data_efficiency.png", series, "training data used (%)", "test Dice",
-                      f"Data efficiency (same {args.budget_seconds:.0f} {'CPU ' if args.budget_clock == 'process' else ''}s budget)")
+                      f"Data efficiency (same {args.budget_seconds:.0f} {budget_unit(args.budget_clock)} budget)")
             rep.image(out / "data_efficiency.png", "Test Dice against the fraction of training data")
         rep.p("Every subset gets the same time budget, so smaller subsets see each image more often.")
     path = rep.write()

@@ -28,7 +28,7 @@ import numpy as np
 
 from vlseg.bench.active import AppActiveLearner, AppUnavailable, item_key
 from vlseg.bench.bundles import load_bundle_model
-from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_words, command_line, log, out_dir
+from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_unit, budget_words, command_line, log, out_dir
 from vlseg.bench.data import cache_dir, resolve_data, write_datalist
 from vlseg.bench.evaluate import evaluate_items
 from vlseg.bench.report import Report, line_plot
@@ -148,7 +148,11 @@ def main(argv=None) -> int:
     app_error = None
     t_scoring = 0.0
     # (a) uncertainty strategy (seed 0's initial set) -------------------------------------------------------------
-    init = random.Random(0).sample(keys, n)[:counts[0]]  # = the first round of random seed 0 (same draw)
+    def random_order(seed: int) -> list[str]:
+        """The order in which random selection with ``seed`` labels the pool (its rounds are prefixes of it)."""
+        return random.Random(seed).sample(keys, n)
+
+    init = random_order(0)[:counts[0]]  # the uncertainty run starts from random seed 0's first round
     try:
         learner = AppActiveLearner(pool, set(init), work / "studies_uncertainty", num_samples=args.scoring_samples)
     except AppUnavailable as e:
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
         curves["uncertainty (app strategy)"] = curve
     # (b) random, several seeds ------------------------------------------------------------------------------------
     for seed in range(args.seeds):
-        order = random.Random(seed).sample(keys, n)  # seed 0 starts from the same initial set as (a)
+        order = random_order(seed)  # seed 0 starts from the same initial set as (a)
         curve = []
         for r_i, c in enumerate(counts):
             labeled = order[:c]
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
         bands[f"random (mean of {len(rand)})"] = rand_std
     if series:
         line_plot(out / "active_learning.png", series, "labelled fraction of the training set (%)", "test Dice",
-                  f"Active learning ({bundle.name}, {args.budget_seconds:.0f} {'CPU ' if args.budget_clock == 'process' else ''}s per round)", bands=bands,
+                  f"Active learning ({bundle.name}, {args.budget_seconds:.0f} {budget_unit(args.budget_clock)} per round)", bands=bands,
                   hlines={"95% of full-data Dice": target} if target else None)
         rep.image(out / "active_learning.png", "Test Dice against the labelled fraction (band: ± std over random seeds)")
     rep.h2("Labelling saved")

@@ -189,6 +189,7 @@ def run_concurrent(args) -> dict:
         from vlseg.bench.data import resolve_data
 
         resolve_data(args.datalist, quick=args.quick)  # prepare the data cache once, before two branches read it
+    env = dict(os.environ, VLSEG_BENCH_COMMAND=os.environ.get("VLSEG_BENCH_COMMAND") or command_line())
     procs = []
     for i, parts in enumerate(branches):
         sf = args.out / f".branch{i}_status.json"
@@ -196,7 +197,6 @@ def run_concurrent(args) -> dict:
         logf = args.out / f"branch_{'_'.join(parts)}.log"
         log(f"branch {i}: {' -> '.join(parts)} (1 thread, process-clock budgets); log {logf}")
         with open(logf, "w") as f:
-            env = dict(os.environ, VLSEG_BENCH_COMMAND=os.environ.get("VLSEG_BENCH_COMMAND") or command_line())
             procs.append((parts, sf, subprocess.Popen(branch_argv(parts, args, sf), stdout=f, stderr=subprocess.STDOUT,
                                                       env=env)))
     for parts, sf, proc in procs:
@@ -262,9 +262,10 @@ def main(argv=None) -> int:
     info = machine_info()
     status = run_concurrent(args) if args.concurrent else run_parts(args.parts, args)
     total = time.perf_counter() - t_all
+    rc = 0 if all(s["rc"] == 0 and not s["error"] for s in status.values()) else 1
     if args.status_file:  # a branch of --concurrent: the parent writes the index
         args.status_file.write_text(json.dumps(status, indent=2) + "\n")
-        return 0 if all(s["rc"] == 0 and not s["error"] for s in status.values()) else 1
+        return rc
     run = {"id": time.strftime("%Y%m%d-%H%M%S"), "command": command_line(), "parts": list(status), "wall_seconds": total,
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "concurrent": args.concurrent}
     summary = merge_summary(args.out / "summary.json", status, run, args.quick, info)
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
         for doc in update_bundle_docs(args.out, args.bundles_dir or repo_root() / "bundles"):
             log(f"numbers copied into {doc}")
     log(f"parts {', '.join(status)} done in {total:.0f} s: {args.out / 'README.md'}")
-    return 0 if all(s["rc"] == 0 and not s["error"] for s in status.values()) else 1
+    return rc
 
 
 if __name__ == "__main__":

@@ -56,19 +56,6 @@ def test_timing_helpers():
     assert peak_rss_mib() > 10
 
 
-def test_fraction_needed_interpolates():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import importlib
-
-        al = importlib.import_module("benchmark_active_learning")
-    finally:
-        sys.path.remove(str(REPO / "scripts"))
-    assert al.fraction_needed([10, 20, 30], [0.5, 0.7, 0.9], 0.8) == pytest.approx(25.0)
-    assert al.fraction_needed([10, 20], [0.9, 0.95], 0.8) == 10
-    assert al.fraction_needed([10, 20], [0.5, 0.6], 0.8) is None
-
-
 def _script(name: str):
     import importlib.util
 
@@ -76,6 +63,13 @@ def _script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_fraction_needed_interpolates():
+    al = _script("benchmark_active_learning")
+    assert al.fraction_needed([10, 20, 30], [0.5, 0.7, 0.9], 0.8) == pytest.approx(25.0)
+    assert al.fraction_needed([10, 20], [0.9, 0.95], 0.8) == 10
+    assert al.fraction_needed([10, 20], [0.5, 0.6], 0.8) is None
 
 
 def test_summary_merges_runs_part_by_part(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vlseg.bench.report import default_out_dir, repo_root
 
-__all__ = ["base_parser", "add_budget_clock", "apply_threads", "budget_words", "out_dir", "command_line", "log"]
+__all__ = ["base_parser", "add_budget_clock", "apply_threads", "budget_unit", "budget_words", "out_dir", "command_line", "log"]
 
 
 def base_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -36,6 +36,11 @@ def add_budget_clock(p: argparse.ArgumentParser) -> None:
 def budget_words(clock: str) -> str:
     """How a report names the budget's unit."""
     return "s of training wall clock" if clock == "wall" else "CPU s of the training process (process clock)"
+
+
+def budget_unit(clock: str) -> str:
+    """The short unit of a budget, for plot titles: ``"CPU s"`` on the process clock, ``"s"`` on the wall clock."""
+    return "CPU s" if clock == "process" else "s"
 
 
 def apply_threads(threads: int | None) -> None:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vlseg.bench.cli import budget_unit
 from vlseg.bench.report import fmt, repo_root
 
 __all__ = ["START", "END", "bundle_block", "update_bundle_docs"]
@@ -144,7 +145,7 @@ def _al_lines(name: str, al: dict) -> list[str]:
     def pct(v):
         return f"{v:.1f} %" if v is not None else f"not reached by {al.get('steps', [0])[-1]:g} %"
 
-    clock = "CPU s" if st.get("budget_clock") == "process" else "s"
+    clock = budget_unit(st.get("budget_clock", "wall"))
     return [f"**Active learning** with the app's uncertainty strategy ({_num(st.get('budget_seconds'), 0)} {clock} per "
             f"round; [active-learning report](../../../reports/active_learning/report.md)): 95 % of the full-data Dice "
             f"({_num(al.get('full_data_dice'))}) is reached at {pct(u)} labelled with the uncertainty strategy and at "
