@@ -87,13 +87,19 @@ def _get(parser, key: str, default=None):
 
 
 def load_bundle_model(bundle_root: Path, variant: str | None = None, overrides: Mapping[str, Any] | None = None,
-                      with_preprocessing: bool = True, checkpoint: Path | None = None) -> BundleModel:
-    """Build ``network_def`` (and, when asked, ``preprocessing`` / ``inferer`` / the tokenizer) from the bundle's configs."""
+                      with_preprocessing: bool = True, checkpoint: Path | None = None,
+                      random_init: bool = True) -> BundleModel:
+    """Build ``network_def`` (and, when asked, ``preprocessing`` / ``inferer`` / the tokenizer) from the bundle's configs.
+
+    ``random_init``: the benchmarks measure architectures without pretrained files, so ``require_pretrained`` is
+    set false (explicitly, as the configs ask) unless ``overrides`` says otherwise."""
     from vlseg.text.tokenizers import build_tokenizer
 
     bundle_root = Path(bundle_root).resolve()
     with bundle_context(bundle_root):
         parser = load_parser(bundle_root, variant, overrides=overrides)
+        if random_init and "require_pretrained" in parser and "require_pretrained" not in (overrides or {}):
+            parser["require_pretrained"] = False
         network = parser.get_parsed_content("network_def", instantiate=True)
         preprocessing = _get(parser, "preprocessing") if with_preprocessing else None
         inferer = _get(parser, "inferer") if with_preprocessing else None

@@ -179,6 +179,8 @@ def train_bundle(bundle_root: Path, variant: str | None, datalist: Path, work_di
                            error=f"{bundle_root.name}/configs/train.json has no max_train_clock (needed for a {clock}-clock budget)")
     if "train_encoders" in keys:
         overrides["train_encoders"] = True
+    if "require_pretrained" in keys:  # no pretrained files here: random initialisation, deliberately
+        overrides["require_pretrained"] = False
     if epoch_length:
         if "epoch_length" in keys:
             overrides["epoch_length"] = int(epoch_length)

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlseg.nets.flops import forward_flops  # noqa: F401 - re-exported (the bundles import it from here)
+
 __all__ = ["freeze", "trainable_parameters", "count_parameters", "forward_flops", "load_weights_or_warn", "as_token_tensor"]
 
 logger = logging.getLogger("vlseg")
@@ -29,20 +31,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": int(total), "trainable": int(trainable), "frozen": int(total - trainable)}
-
-
-def forward_flops(model: nn.Module, *args, **kwargs) -> int:
-    """FLOPs of one forward pass counted by ``torch.utils.flop_counter`` (a multiply-add counts as 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def load_weights_or_warn(module: nn.Module, path: str | None, what: str, fetch_hint: str, strict: bool = False,

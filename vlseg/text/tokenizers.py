@@ -12,7 +12,6 @@ Specs accepted by :func:`build_tokenizer`:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -40,7 +39,6 @@ class TextTokenizer:
         self.max_length = int(max_length)
         self._hf = None
         self._clip = None
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if spec == "minilm":
             from transformers import AutoTokenizer
 
