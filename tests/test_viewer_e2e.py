@@ -655,6 +655,7 @@ def test_slicer_module_calls_on_dicomweb(stack, scored, tmp_path):
     (seg_ds,) = _retrieve_series(stack, vol["StudyInstanceUID"], _v(segs[0], "0020000E"))
     assert seg_ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series
     assert seg_ds.SegmentSequence[0].SegmentLabel == "polyp"
+    assert seg_ds.SegmentSequence[0].SegmentDescription == "polyp"  # the prompt travels in the SEG itself
     assert int(np.count_nonzero(seg_ds.pixel_array)) == int(label.sum())
     # frame by frame in the CT's orientation: each SEG frame (rows x columns as in the CT frames) = the label slice
     ct_z = [float(d.ImagePositionPatient[2]) for d in _retrieve_series(stack, vol["StudyInstanceUID"], series)]

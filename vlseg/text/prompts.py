@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 
-__all__ = ["PromptError", "validate_prompt", "DEFAULT_MAX_PROMPT_CHARS"]
+__all__ = ["PromptError", "validate_prompt", "validate_segment_prompt", "is_generic_segment_name",
+           "DEFAULT_MAX_PROMPT_CHARS"]
 
 #: Longest prompt accepted (characters). Configurable with the env var ``VLSEG_MAX_PROMPT_CHARS``.
 DEFAULT_MAX_PROMPT_CHARS = int(os.environ.get("VLSEG_MAX_PROMPT_CHARS", "1000"))
@@ -39,4 +41,27 @@ def validate_prompt(text, max_chars: int | None = None, allow_empty: bool = Fals
     cleaned = " ".join(text.split())
     if not cleaned and not allow_empty:
         raise PromptError("prompt is empty; give a text such as 'polyp'")
+    return cleaned
+
+
+#: names viewers give segments by default ("Segment_1" in 3D Slicer, "Label 2", "Unknown" in MONAI Label's SEG
+#: writer): they say nothing about what the segment shows, so a model trained on them learns nothing
+_GENERIC_SEGMENT = re.compile(
+    r"^(segment|segmentation|label|labelmap|region|roi|mask|object|structure|annotation|class|layer|unknown|"
+    r"untitled|unnamed|new\s*segment|default|foreground|background)?[\s_\-#:.]*\d*$", re.IGNORECASE)
+
+
+def is_generic_segment_name(name: str) -> bool:
+    """True for a viewer's default segment name (``Segment_1``, ``label 2``, ``Unknown``, ``3``, empty)."""
+    return bool(_GENERIC_SEGMENT.match(" ".join(str(name).split())))
+
+
+def validate_segment_prompt(name, max_chars: int | None = None) -> str:
+    """A segment name or description used as a training prompt: :func:`validate_prompt`, and not a viewer's default
+    name (raises :class:`PromptError` saying how to fix it)."""
+    cleaned = validate_prompt(name, max_chars=max_chars)
+    if is_generic_segment_name(cleaned):
+        raise PromptError(f"segment name {cleaned!r} is a viewer's default name, not a description of what the "
+                          f"segment shows: rename the segment (e.g. 'polyp' or 'small polyp at the top left') or "
+                          f"send the prompt as the label's 'text' before submitting")
     return cleaned

@@ -5,6 +5,9 @@ prompt in the label info (MONAI Label keeps ``params`` as the label info); this 
 the same rules as an infer prompt and answers 422 with the reason instead of storing an unusable prompt. It also
 answers 404 for an image id the datastore does not hold, 422 for a tag that is not a plain name (a tag is a folder
 name: ``../x`` would write outside the datastore) and 422 for a label whose shape does not match its image.
+A ``final`` label without a ``text`` prompt takes its prompts from its segment names (3D Slicer's ``label_info``);
+a viewer's default name (``Segment_1``) is refused with 422 and the reason, as is a label with no prompt at all
+(:func:`check_label_info`, which the DICOMweb datastore uses too).
 The datastore JSON is written atomically (see :meth:`PromptCheckingDatastore._update_datastore_file`).
 """
 
@@ -20,8 +23,9 @@ from monailabel.datastore.local import LocalDatastore
 
 from lib import imageio
 from lib.params import RequestError, check_prompt, http_error
+from vlseg.text.prompts import PromptError, validate_segment_prompt
 
-__all__ = ["PromptCheckingDatastore", "check_label_shape"]
+__all__ = ["PromptCheckingDatastore", "check_label_shape", "check_label_info"]
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -47,6 +51,30 @@ def check_label_shape(image_path: str, label_path: str) -> None:
         raise RequestError(f"label does not fit the image: label shape {lshape}, image shape {shape}")
 
 
+def check_label_info(info: dict | None, label_tag: str = "final") -> dict:
+    """The label info with its prompt cleaned; raises :class:`RequestError` (422) for an unusable prompt, and, for a
+    ``final`` label without ``text``, for segment names that are a viewer's defaults or missing altogether."""
+    info = dict(info or {})
+    segments = info.get("label_info")
+    if isinstance(segments, str):
+        try:
+            segments = info["label_info"] = json.loads(segments)
+        except ValueError:
+            raise RequestError("label_info is not valid JSON (a list of {'name', 'idx'} segments)") from None
+    for key in ("text", "prompt"):
+        if key in info and info[key] is not None:
+            info[key] = check_prompt(info[key])
+    if label_tag != "final" or info.get("text") or info.get("prompt") or not isinstance(segments, list):
+        return info
+    for seg in segments:
+        if isinstance(seg, dict) and "name" in seg:
+            try:
+                seg["name"] = validate_segment_prompt(seg["name"])
+            except PromptError as e:
+                raise RequestError(f"invalid label prompt: {e}") from None
+    return info
+
+
 class PromptCheckingDatastore(LocalDatastore):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,10 +92,7 @@ class PromptCheckingDatastore(LocalDatastore):
                 raise RequestError(f"invalid label tag {label_tag!r}: letters, digits, '_' and '-' only")
             if not isinstance(image_id, str) or not self._datastore.objects.get(image_id):
                 raise RequestError(f"image {image_id!r} is not in the datastore", status=404)
-            info = dict(label_info or {})
-            for key in ("text", "prompt"):
-                if key in info and info[key] is not None:
-                    info[key] = check_prompt(info[key])
+            info = check_label_info(label_info, label_tag)
             check_label_shape(self.get_image_uri(image_id), label_filename)
         except RequestError as e:
             imageio.discard_upload(label_filename)

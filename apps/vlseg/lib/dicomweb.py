@@ -12,7 +12,10 @@
   (SimpleITK would turn an RGB instance into a vector volume).
 * **Final labels** (Slicer *Submit Label*, ``PUT /datastore/label?tag=final``; on the served NIfTI's voxel grid,
   or OHIF's raw ``.bin`` in DICOM order) become a DICOM SEG written with pydicom-seg and uploaded (MONAI Label's own path needs dcmqi's ``itkimage2segimage``, which it downloads from
-  GitHub at start-up); the label and its info (prompt, segment names) are kept in the local cache for training.
+  GitHub at start-up). The prompts travel IN the SEG (:mod:`vlseg.dicom.seg_prompts`: SegmentLabel = the prompt cut
+  to 64 characters, SegmentDescription = the whole prompt); a viewer's default segment name (``Segment_1``) is
+  refused with 422. The label and its info are also kept in the local cache; a SEG found in the store without
+  that cache entry (the cache was lost, or the SEG was made elsewhere) gets its prompts from its segments.
 * **Uncertainty maps** (label tag ``uncertainty``, written by every inference on a datastore image) are kept in
   the local cache as for a folder datastore *and* published to the DICOMweb store as a derived series in the
   image's study (``vlseg uncertainty <model> '<prompt>'``), which OHIF lists next to the image series.
@@ -33,6 +36,11 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
+from lib.datastore import check_label_info
+from lib.imageio import discard_upload
+from lib.params import RequestError, http_error
+from vlseg.dicom.seg_prompts import prompts_from_seg, seg_label_info, segment_prompts
+from vlseg.text.prompts import PromptError
 from vlseg.dicom.convert import (
     APP_ARRAY_AXES,
     UNCERTAINTY_SERIES_PREFIX,
@@ -187,6 +195,11 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
+            try:
+                label_info = check_label_info(label_info, label_tag)
+            except RequestError as e:
+                discard_upload(label_filename)
+                raise http_error(e) from None
             return self._save_final(image_id, label_filename, label_info)
         label_id = LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         if label_tag == self.uncertainty_tag and self.publish_uncertainty:
@@ -221,12 +234,32 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
         local = LocalDatastore.get_label_uri(self, image_id, label_tag)
         if local and os.path.exists(local):
             info = LocalDatastore.get_label_info(self, image_id, label_tag) or {}
+            update = {}
             if info.get("vlseg_array_axes") != APP_ARRAY_AXES:
                 swap_row_column_axes(local)
-                LocalDatastore.update_label_info(self, image_id, label_tag,
-                                                 dict(info, vlseg_array_axes=APP_ARRAY_AXES))
+                update["vlseg_array_axes"] = APP_ARRAY_AXES
+            if not (info.get("text") or info.get("prompt") or info.get("label_info")):
+                update.update(self._prompts_of_seg(seg_uid))
+            if update:
+                LocalDatastore.update_label_info(self, image_id, label_tag, dict(info, **update))
             return local
         return path
+
+    def _prompts_of_seg(self, seg_uid: str) -> dict:
+        """The prompts a DICOM SEG carries (SegmentDescription / SegmentLabel; made here or elsewhere), as label
+        info ``{"label_info": [{"name", "idx"}], "vlseg_prompt_source": "dicom_seg"}``; {} when it has none."""
+        from pydicom.dataset import Dataset
+
+        try:
+            series = self._client.search_for_series(search_filters={"SeriesInstanceUID": seg_uid})
+            meta = self._client.retrieve_series_metadata(_value(series[0], "0020000D"), seg_uid)
+            segments, refusals = prompts_from_seg(Dataset.from_json(meta[0]))
+        except Exception:  # noqa: BLE001 - a SEG without readable segments trains without prompts (skipped)
+            logger.exception("vlseg: reading the segments of DICOM SEG %s failed", seg_uid)
+            return {}
+        for r in refusals:
+            logger.warning("vlseg: DICOM SEG %s: %s", seg_uid, r)
+        return {"label_info": segments, "vlseg_prompt_source": "dicom_seg"} if segments else {}
 
     def _seg_series_of(self, image_id: str) -> str | None:
         """The newest DICOM SEG series in the store that references series ``image_id``."""
@@ -261,9 +294,13 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
                 label_filename = swap_row_column_axes(itk_label, _temp())
             else:  # a label on the served NIfTI's grid (row, column, slice) -> SimpleITK's layout for pydicom-seg
                 itk_label = swap_row_column_axes(label_filename, _temp())
-            segments = label_info.get("label_info")
-            if isinstance(segments, str):
-                segments = json.loads(segments)
+            import nibabel as nib
+
+            values = np.unique(np.rint(np.asarray(nib.load(itk_label).dataobj))).astype(np.int64)
+            try:  # the prompts go INTO the SEG (SegmentLabel / SegmentDescription), not only the local cache
+                segments = seg_label_info(segment_prompts(label_info, values))
+            except PromptError as e:
+                raise http_error(RequestError(f"invalid label prompt: {e}")) from None
             image_dir = self._download(image_id)
             seg_file = nifti_to_dicom_seg(image_dir, itk_label, segments, use_itk=False)
             if seg_file:

@@ -4,8 +4,9 @@ For every image with a ``final`` label the prompt is taken from, in order:
 
 1. the label info's ``text`` (or ``prompt``): the prompt sent with the saved label, e.g.
    ``client.save_label(image_id, mask_file, params={"text": "small polyp"})``; the whole mask (> 0) is its target;
-2. the label info's ``label_info`` list (3D Slicer sends ``[{"name": segment name, "idx": value}, ...]``): one
-   sample per segment, target = pixels equal to ``idx``, prompt = the segment name;
+2. the label info's ``label_info`` list (3D Slicer sends ``[{"name": segment name, "idx": value}, ...]``; a DICOM
+   SEG's SegmentDescription / SegmentLabel arrive the same way): one sample per segment, target = pixels equal to
+   ``idx``, prompt = the segment name, unless it is a viewer's default name (``Segment_1``: skipped with a warning);
 3. the image's caption: the datastore image info ``caption`` / ``text``, or a sidecar text file next to the image
    (``<image id>.txt`` or ``<image file>.txt``); the whole mask (> 0) is its target.
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from lib import imageio
 from lib.params import RequestError, check_prompt
+from vlseg.text.prompts import PromptError, validate_segment_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +96,10 @@ def build_text_datalist(datastore, cache_dir, axis: int = 2) -> tuple[list[dict]
         checked = []
         for text, value, source in prompts:
             try:
+                if source == "segment_name":
+                    text = validate_segment_prompt(text)
                 checked.append((check_prompt(text), value, source))
-            except RequestError as e:
+            except (RequestError, PromptError) as e:
                 warnings.append(f"{image_id}: {e}; skipped")
         kind = imageio.image_kind(image_path)
         try:
