@@ -216,20 +216,19 @@ def test_frozen_text_states_are_memoised_without_changing_them(sm):
     torch.testing.assert_close(enc(ids[[1, 0]], mask[[1, 0]]), direct[[1, 0]])
 
 
-def test_missing_weights_warn_once_and_local_convnext_weights_load(sm, tmp_path, caplog):
-    import timm
-
-    kw = {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}
-    with caplog.at_level(logging.WARNING, logger="vlseg"):
-        enc = sm.network.ImageEncoder("convnext_tiny", str(tmp_path / "missing.safetensors"), **kw)
-    warnings = [r for r in caplog.records if "missing.safetensors" in r.getMessage()]
-    assert len(warnings) == 1 and "large_files.yml" in warnings[0].getMessage() and not enc.pretrained
-    full = timm.create_model("convnext_tiny", pretrained=False, **kw)
-    torch.save(full.state_dict(), tmp_path / "convnext.pth")
-    enc = sm.network.ImageEncoder("convnext_tiny", str(tmp_path / "convnext.pth"), **kw)
-    assert enc.pretrained
-    torch.testing.assert_close(enc.body.stem_0.weight, full.stem[0].weight)
-    torch.testing.assert_close(enc.body.stages_3.blocks[0].conv_dw.weight, full.stages[3].blocks[0].conv_dw.weight)
+def test_text_state_memo_is_cleared_when_weights_are_loaded(sm):
+    enc = sm.network.TextEncoder("cxr-bert", config_overrides={"num_hidden_layers": 1, "hidden_size": 32,
+                                                                "num_attention_heads": 2, "intermediate_size": 64})
+    ids, mask = _tokens(["small polyp"])
+    before = enc(ids, mask)
+    state = {k: v + 0.5 if v.is_floating_point() else v for k, v in enc.state_dict().items()}
+    wrapper = torch.nn.ModuleDict({"text": enc})
+    wrapper.load_state_dict({f"text.{k}": v for k, v in state.items()})  # through a parent, as CheckpointLoader
+    assert len(enc._cache) == 0
+    after = enc(ids, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(after, enc.encoder(ids, mask))
+    assert not torch.allclose(before, after)
 
 
 # --------------------------------------------------------------------------- SSMix (eq. 13-19)
@@ -300,10 +299,35 @@ def test_ssmix_shapes_token_projection_and_gamma(sm):
     assert mix.in_proj.weight.shape == (32, 32) and mix.d_inner == 16  # gamma = 0.5 as the public code
     dt0 = torch.nn.functional.softplus(mix.dt_proj.bias)  # eq. 17 bias = softplus^-1 of dt in [1e-3, 0.1]
     assert float(dt0.min()) >= 1e-3 - 1e-6 and float(dt0.max()) <= 0.1 + 1e-6
+    assert mix.out_proj.bias is None  # public code: no bias
     with pytest.raises(ValueError):
         sm.ssmix.SSMix(32, expand=1.0)
     with pytest.raises(ValueError):
         mix(torch.randn(2, 12, 32))
+
+
+def test_ssmix_delta_bias_once_by_default_twice_as_the_public_code_on_request(sm):
+    torch.manual_seed(0)
+    once = sm.ssmix.SSMix(32, in_tokens=24, out_tokens=12)
+    twice = sm.ssmix.SSMix(32, in_tokens=24, out_tokens=12, delta_bias_twice=True)
+    twice.load_state_dict(once.state_dict())
+    x = torch.randn(2, 24, 32)
+    assert not torch.allclose(once(x), twice(x))
+    doubled = sm.ssmix.SSMix(32, in_tokens=24, out_tokens=12)
+    doubled.load_state_dict(once.state_dict())
+    with torch.no_grad():
+        doubled.dt_proj.bias.mul_(2.0)  # softplus(W dt + 2 b): what the public code computes
+    torch.testing.assert_close(twice(x), doubled(x))
+
+
+def test_selective_scan_path_is_logged_when_mamba_ssm_cannot_be_imported(sm, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setattr(sm.ssmix, "_MAMBA", None)
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # import fails with ModuleNotFoundError
+    with caplog.at_level(logging.INFO, logger="vlseg"):
+        assert sm.ssmix.mamba_kernel() is None
+    assert any("PyTorch implementation" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- MoDAB (eq. 3-12)
@@ -333,6 +357,43 @@ def test_modab_shapes_alpha_text_dependence_and_mc_dropout(sm):
         a, b = block(x, t1), block(x, t1)
     assert not torch.allclose(a, b)
     assert not block.training and not any(m.training for m in drops)
+    # the cross-attention dropout acts only in Monte-Carlo sampling, never in training (public code: none)
+    block.self_attn.attn_drop.p = block.self_attn.proj_drop.p = 0.0
+    block.train()
+    torch.testing.assert_close(block(x, t1), block(x, t1))
+    block.eval()
+    with mc_dropout(block):
+        assert not torch.allclose(block(x, t1), block(x, t1))
+
+
+def test_cross_attention_is_multihead_attention_with_its_initialisation(sm):
+    torch.manual_seed(0)
+    ca = sm.modab.TextCrossAttention(32, num_heads=4).eval()
+    assert torch.count_nonzero(ca.in_proj.bias) == 0 and torch.count_nonzero(ca.out_proj.bias) == 0
+    bound = math.sqrt(6.0 / (32 + 3 * 32))  # xavier_uniform_ on the joint [3C, C] in-projection
+    assert 0.9 * bound < float(ca.in_proj.weight.abs().max()) <= bound
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(ca.in_proj.weight)
+        mha.in_proj_bias.normal_()
+        ca.in_proj.bias.copy_(mha.in_proj_bias)
+        mha.out_proj.load_state_dict(ca.out_proj.state_dict())
+        x, t = torch.randn(2, 16, 32), torch.randn(2, 9, 32)
+        ref = mha(ca.pos(ca.norm_q(x)), ca.pos(t), t)[0]  # the public code's call (eq. 9-11)
+        torch.testing.assert_close(ca(x, t), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_random_zoom_runs_before_z_scoring_as_the_public_code():
+    from monai.bundle import ConfigParser
+
+    with bundle_context(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json")])
+        parser["bundle_root"] = str(BUNDLE)
+        names = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+        val = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
+    assert names.index("Resized") < names.index("RandZoomd") < names.index("NormalizeIntensityd")
+    assert "RandZoomd" not in val and "NormalizeIntensityd" in val
 
 
 def test_network_forward_and_mc_dropout_leaves_text_encoder_deterministic(sm):

@@ -40,6 +40,8 @@ def _spatial_size(preprocessing) -> tuple[int, int] | None:
             size = getattr(getattr(t, "resizer", t), "spatial_size", None) or getattr(t, "spatial_size", None)
             if size is None and hasattr(t, "padcropper"):
                 size = getattr(t.padcropper, "spatial_size", None)
+            if isinstance(size, (int, float)):  # ``size_mode="longest"``: the longest side, padded to a square
+                size = (int(size), int(size))
             if size is not None:
                 size = tuple(int(s) for s in size)
                 if len(size) == 2 and all(s > 0 for s in size):
@@ -106,8 +108,9 @@ def load_bundle_model(bundle_root: Path, variant: str | None = None, overrides: 
     tok_t = find_transform(preprocessing, "TokenizeTextd")
     tokenizer = getattr(tok_t, "tokenizer", None)
     if tokenizer is None:
-        spec = parser.get("tokenizer", None)
-        spec = spec if isinstance(spec, str) and not spec.startswith(("$", "@", "%")) else "minilm"
+        with bundle_context(bundle_root):
+            spec = _get(parser, "tokenizer") if "tokenizer" in parser else None
+        spec = spec if isinstance(spec, str) and spec else "minilm"
         tokenizer = build_tokenizer(spec, int(parser.get("text_max_length", parser.get("max_length", 24)) or 24))
     size = _spatial_size(preprocessing) or (224, 224)
     num_samples = int(getattr(inferer, "num_samples", None) or parser.get("num_samples", 1) or 1) if inferer is not None \

@@ -12,7 +12,8 @@ The residual of eq. 8 and the "X" of eq. 12 follow the public code (the block in
 tokens respectively); see docs/README.md, "Deviations".
 
 Every attention dropout is an ``nn.Dropout`` module so that ``vlseg.inferers.mc_dropout`` can switch exactly
-these layers on for Monte-Carlo sampling.
+these layers on for Monte-Carlo sampling. The self-attention dropouts act in training too (public code); the
+cross-attention dropout acts only in Monte-Carlo sampling (:class:`TextCrossAttention`).
 """
 
 from __future__ import annotations
@@ -46,17 +47,20 @@ class SinusoidalPositionalEncoding(nn.Module):
         return x + self.table[: x.shape[1]].to(x.dtype)
 
 
-def _attend(q, k, v, num_heads: int, dropout: nn.Dropout, q_norm: nn.Module, k_norm: nn.Module):
-    """Scaled dot-product attention over heads (eq. 6 / 11). ``dropout`` is applied to the attention weights
-    whenever that module is in training mode (also under ``mc_dropout``)."""
+def _dropout_p(dropout: nn.Dropout) -> float:
+    """The drop probability of an ``nn.Dropout`` module while it is switched on (training or ``mc_dropout``)."""
+    return dropout.p if dropout.training else 0.0
+
+
+def _attend(q, k, v, num_heads: int, dropout_p: float, q_norm: nn.Module, k_norm: nn.Module):
+    """Scaled dot-product attention over heads (eq. 6 / 11), attention weights dropped with ``dropout_p``."""
     b, lq, c = q.shape
     lk = k.shape[1]
     hd = c // num_heads
     q = q_norm(q.view(b, lq, num_heads, hd).transpose(1, 2))
     k = k_norm(k.view(b, lk, num_heads, hd).transpose(1, 2))
     v = v.view(b, lk, num_heads, hd).transpose(1, 2)
-    p = dropout.p if dropout.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     return out.transpose(1, 2).reshape(b, lq, c)  # Concat(head_1..head_h)
 
 
@@ -106,7 +110,7 @@ class VisualSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xp = self.pos(self.norm_in(x))  # eq. 4
         q, k, v = self.qkv(xp).chunk(3, dim=-1)  # eq. 5
-        heads = _attend(q, k, v, self.num_heads, self.attn_drop, self.q_norm, self.k_norm)  # eq. 6
+        heads = _attend(q, k, v, self.num_heads, _dropout_p(self.attn_drop), self.q_norm, self.k_norm)  # eq. 6
         sa = self.proj_drop(self.proj(heads))  # eq. 7
         return x + self.norm_out(sa)  # eq. 8
 
@@ -114,8 +118,12 @@ class VisualSelfAttention(nn.Module):
 class TextCrossAttention(nn.Module):
     """Eq. 9-11: visual queries ``SPE(LN(X_SA))``, text keys ``SPE(T_SSMix)`` and values ``T_SSMix``.
 
-    Same parameterisation as ``nn.MultiheadAttention`` (joint in-projection with bias, output projection), written
-    out so that its attention dropout is an ``nn.Dropout`` module (Monte-Carlo mode).
+    Same parameters, initialisation and arithmetic as the public code's ``nn.MultiheadAttention`` (joint
+    in-projection with bias, output projection; Xavier-uniform in-projection and zero biases as
+    ``nn.MultiheadAttention._reset_parameters``), written out so that the attention weights can be dropped for
+    Monte-Carlo sampling: ``attn_drop`` acts ONLY when this block is in eval mode and its dropout module is
+    switched on by ``vlseg.inferers.mc_dropout``. In training it is off, as in the public code, whose
+    ``nn.MultiheadAttention`` has no dropout.
     """
 
     def __init__(self, dim: int, num_heads: int = 4, attn_drop: float = 0.1, max_len: int = 5000):
@@ -128,6 +136,17 @@ class TextCrossAttention(nn.Module):
         self.in_proj = nn.Linear(dim, 3 * dim, bias=True)
         self.attn_drop = nn.Dropout(attn_drop)
         self.out_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.MultiheadAttention``'s initialisation (the output projection keeps ``nn.Linear``'s weight init)."""
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.zeros_(self.in_proj.bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def mc_dropout_p(self) -> float:
+        """Attention-weight dropout: only while the block is in eval mode with its dropout switched on."""
+        return 0.0 if self.training else _dropout_p(self.attn_drop)
 
     def forward(self, x_sa: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         wq, wk, wv = self.in_proj.weight.chunk(3, dim=0)
@@ -135,7 +154,7 @@ class TextCrossAttention(nn.Module):
         q = F.linear(self.pos(self.norm_q(x_sa)), wq, bq)  # eq. 9
         k = F.linear(self.pos(text), wk, bk)  # eq. 10 (keys carry the token positions)
         v = F.linear(text, wv, bv)  # eq. 10 (values do not)
-        heads = _attend(q, k, v, self.num_heads, self.attn_drop, nn.Identity(), nn.Identity())
+        heads = _attend(q, k, v, self.num_heads, self.mc_dropout_p(), nn.Identity(), nn.Identity())
         return self.out_proj(heads)  # eq. 11
 
 
@@ -149,8 +168,9 @@ class MoDAB(nn.Module):
         dim: channels C_i of the visual stage. text_dim: width D of the text token states.
         in_tokens / out_tokens: text length before / after SSMix (24 -> 24, 12 or 9 upstream).
         num_heads: attention heads (4). attn_drop / proj_drop: self-attention dropouts (0.1 / 0.1, public code).
-        cross_attn_drop: cross-attention weight dropout (0.1; the public code has none -- added so that the
-            Monte-Carlo mode also samples the text-dependent path; see docs/README.md).
+        cross_attn_drop: cross-attention weight dropout for Monte-Carlo sampling ONLY (0.1; off in training, as the
+            public code, which has none; it exists so that the Monte-Carlo mode also samples the text-dependent
+            path; see docs/README.md).
         alpha_init: initial value of the learnable alpha of eq. 12 (1.421 in the public code).
         ssmix: keyword arguments of :class:`scripts.ssmix.SSMix`.
     """

@@ -18,43 +18,48 @@ import torch
 from monai.networks.blocks import SubpixelUpsample, UnetOutBlock, UnetrUpBlock
 from torch import nn
 
+from scripts.convnext_weights import convnext_key_map
 from scripts.modab import MoDAB
 from vlseg.nets.common import as_token_tensor, freeze
 from vlseg.text.encoders import build_text_encoder
+from vlseg.text.vocab import check_tokenizer_matches
+from vlseg.weights import WeightsTarget, fetch_command, load_pretrained, missing_weights
 
 __all__ = ["ImageEncoder", "TextEncoder", "DecoderStage", "SubpixelHead", "UAVLS"]
 
 logger = logging.getLogger("vlseg")
 
-CONVNEXT_FETCH = (
-    "Fetch the ImageNet weights listed in bundles/uavls/large_files.yml "
-    "(https://huggingface.co/timm/convnext_tiny.fb_in1k/resolve/main/model.safetensors) to that path."
-)
+BUNDLE = "uavls"
 
 
 class ImageEncoder(nn.Module):
-    """Eq. 1: ``I'_i = V_e(I)``, the four stages of a timm ConvNeXt (``features_only``), trainable.
+    """Eq. 1: ``I'_i = V_e(I)``, the four stages of a timm ConvNeXt, trainable.
 
-    ``weights``: local timm/ImageNet checkpoint (``.safetensors``/``.pth``) loaded through timm's own loader
-    (``pretrained_cfg_overlay={"file": ...}``, never a download). Missing file -> random weights + one warning.
-    ``kwargs`` go to ``timm.create_model`` (e.g. ``dims``/``depths`` for the narrow demo variants).
+    The full timm classification model is built (never downloaded) and ``weights`` -- a local ImageNet checkpoint
+    in timm's, Hugging Face transformers' or the original Facebook layout (:mod:`scripts.convnext_weights`) -- is
+    loaded into it STRICTLY with :func:`vlseg.weights.load_pretrained`; then timm's ``FeatureListNet`` keeps the
+    stem and the four stages (the same modules and names as ``timm.create_model(..., features_only=True)``; the
+    ImageNet head is dropped). ``require`` (the configs' ``require_pretrained``): a missing or non-fitting file
+    stops the build with :class:`vlseg.weights.PretrainedWeightsError` naming ``config_key`` and ``fetch``;
+    otherwise one warning and random weights. ``kwargs`` go to ``timm.create_model`` (e.g. ``dims``/``depths``
+    for the narrow demo variants).
     """
 
-    def __init__(self, name: str = "convnext_tiny", weights: str | None = None, **kwargs):
+    def __init__(self, name: str = "convnext_tiny", weights: str | None = None, require: bool = False,
+                 config_key: str = "image_weights", fetch: str | None = None, **kwargs):
         super().__init__()
         import timm
+        from timm.models import FeatureListNet
 
-        self.pretrained = bool(weights) and Path(weights).is_file()
-        if weights and not self.pretrained:
-            logger.warning("UA-VLS image encoder %s: weights file %r not found -> RANDOM (trainable) weights. %s",
-                           name, weights, CONVNEXT_FETCH)
-        elif not weights:
-            logger.info("UA-VLS image encoder %s: no weights configured, random initialisation.", name)
-        extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights)}} if self.pretrained else {}
-        self.body = timm.create_model(name, features_only=True, **extra, **kwargs)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        target = WeightsTarget(f"UA-VLS image encoder ({name})", config_key, fetch or fetch_command(BUNDLE))
+        key_map = convnext_key_map(model) if isinstance(model, timm.models.convnext.ConvNeXt) else None
+        self.pretrained = load_pretrained(model, weights, target, require, key_map=key_map)
+        stages = len(model.feature_info)
+        if stages != 4:
+            raise ValueError(f"{name} gives {stages} feature stages; UA-VLS needs 4")
+        self.body = FeatureListNet(model, out_indices=tuple(range(stages)), flatten_sequential=True)
         self.channels = list(self.body.feature_info.channels())
-        if len(self.channels) != 4:
-            raise ValueError(f"{name} gives {len(self.channels)} feature stages; UA-VLS needs 4")
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         return self.body(image)
@@ -66,13 +71,19 @@ class TextEncoder(nn.Module):
     Frozen unless ``trainable``; while frozen it stays in eval mode, runs without autograd and its dropout
     probabilities are set to 0, so Monte-Carlo dropout never perturbs it. A frozen encoder is a fixed function
     of the token ids, so its outputs are memoised per prompt (``cache_size`` most recent prompts): the same
-    numbers, computed once per distinct prompt instead of once per batch.
+    numbers, computed once per distinct prompt instead of once per batch. The memo is cleared whenever the
+    weights or the device change (``load_state_dict``, ``.to()``).
+
+    ``weights`` / ``require`` / ``config_key`` / ``fetch``: CXR-BERT's local file (upstream ``bert.*`` layout, loaded
+    strictly by :func:`vlseg.text.encoders.build_text_encoder`; see :func:`vlseg.weights.load_pretrained`).
     """
 
     def __init__(self, spec: str = "cxr-bert", weights: str | None = None, trainable: bool = False,
-                 config_overrides: dict | None = None, cache_size: int = 2048):
+                 config_overrides: dict | None = None, cache_size: int = 2048, require: bool = False,
+                 config_key: str = "text_weights", fetch: str | None = None):
         super().__init__()
-        self.encoder = build_text_encoder(spec, weights=weights, config_overrides=config_overrides)
+        self.encoder = build_text_encoder(spec, weights=weights, config_overrides=config_overrides, require=require,
+                                          config_key=config_key, fetch=fetch or fetch_command(BUNDLE))
         self.spec = spec
         self.pretrained = bool(self.encoder.pretrained)
         self.hidden_size = int(self.encoder.hidden_size)
@@ -89,6 +100,11 @@ class TextEncoder(nn.Module):
                 if isinstance(m, nn.Dropout):
                     m.p = 0.0
             self.encoder.eval()
+        self.register_load_state_dict_pre_hook(TextEncoder._clear_cache)
+
+    @staticmethod
+    def _clear_cache(module, *args, **kwargs) -> None:
+        module._cache.clear()  # new weights invalidate the memo
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -159,23 +175,41 @@ class UAVLS(nn.Module):
             ``timm.create_model`` arguments, local ImageNet checkpoint (see :class:`ImageEncoder`).
         text_encoder / text_weights / text_encoder_overrides: ``vlseg.text.build_text_encoder`` spec
             (``"cxr-bert"`` = paper, ``"minilm"`` = pretrained offline choice), local weights, config overrides.
+        tokenizer: the tokenizer spec the data pipeline uses (``None``: the text encoder's own). It is checked
+            against the vocabulary the text encoder was trained with (:func:`vlseg.text.vocab.check_tokenizer_matches`):
+            another vocabulary raises :class:`vlseg.text.vocab.TokenizerMismatchError` here, at build time.
+        require_pretrained: a missing or non-fitting ``image_weights`` / ``text_weights`` file stops the build with
+            :class:`vlseg.weights.PretrainedWeightsError` (the paper configs); ``False`` = random weights on purpose,
+            one warning per part.
         train_text_encoder: let the otherwise frozen text encoder train; honoured only when it has no pretrained
             weights (the bundle contract's ``train_encoders`` switch).
         text_tokens: N, tokens per prompt (24). decoder_tokens: SSMix output tokens per stage (24, 12, 9).
         num_heads, attn_drop, proj_drop, cross_attn_drop, alpha_init, qk_norm: MoDAB settings.
-        ssmix: SSMix keyword arguments (d_state, d_conv, expand, use_kernel, ...).
+        ssmix: SSMix keyword arguments (d_state, d_conv, expand, use_kernel, delta_bias_twice, ...).
         subpixel_channels: channels after pixel shuffle (24). out_channels: 1 (foreground logit).
     """
 
     def __init__(self, image_encoder: str = "convnext_tiny", image_encoder_kwargs: dict | None = None,
                  image_weights: str | None = None, text_encoder: str = "cxr-bert", text_weights: str | None = None,
-                 text_encoder_overrides: dict | None = None, train_text_encoder: bool = False, text_tokens: int = 24,
+                 text_encoder_overrides: dict | None = None, tokenizer: str | None = None,
+                 require_pretrained: bool = False, train_text_encoder: bool = False, text_tokens: int = 24,
                  decoder_tokens=(24, 12, 9), num_heads: int = 4, attn_drop: float = 0.1, proj_drop: float = 0.1,
                  cross_attn_drop: float = 0.1, alpha_init: float = 1.421, qk_norm: bool = True,
                  ssmix: dict | None = None, subpixel_channels: int = 24, out_channels: int = 1):
         super().__init__()
-        self.image_encoder = ImageEncoder(image_encoder, image_weights, **(image_encoder_kwargs or {}))
-        self.text_encoder = TextEncoder(text_encoder, text_weights, train_text_encoder, text_encoder_overrides)
+        require = bool(require_pretrained)
+        fetch = fetch_command(BUNDLE)
+        checks = [(image_weights, f"UA-VLS image encoder ({image_encoder})", "image_weights")]
+        if text_encoder == "cxr-bert":  # MiniLM's weights ship with its package
+            checks.append((text_weights, "CXR-BERT text encoder", "text_weights"))
+        for path, what, key in checks if require else ():  # fail before building anything large
+            if not path or not Path(str(path)).expanduser().exists():
+                missing_weights(path, WeightsTarget(what, key, fetch), require=True)
+        self.image_encoder = ImageEncoder(image_encoder, image_weights, require=require, fetch=fetch,
+                                          **(image_encoder_kwargs or {}))
+        self.text_encoder = TextEncoder(text_encoder, text_weights, train_text_encoder, text_encoder_overrides,
+                                        require=require, fetch=fetch)
+        check_tokenizer_matches(tokenizer or text_encoder, self.text_encoder.encoder.vocab_fingerprint, text_encoder)
         self.text_tokens = int(text_tokens)
         ch = self.image_encoder.channels  # e.g. [96, 192, 384, 768]
         toks = [self.text_tokens] + [int(t) for t in decoder_tokens]
@@ -187,7 +221,8 @@ class UAVLS(nn.Module):
         self.decoders = nn.ModuleList(
             [DecoderStage(ch[3 - m], ch[2 - m], d, toks[0], toks[m + 1], **mk) for m in range(3)]
         )
-        self.head = SubpixelHead(ch[0], subpixel_channels, out_channels, scale=self.image_encoder.body.feature_info.reduction()[0])
+        scale = self.image_encoder.body.feature_info.reduction()[0]
+        self.head = SubpixelHead(ch[0], subpixel_channels, out_channels, scale=scale)
 
     def encode_text(self, text_ids, text_mask=None, batch_size: int | None = None, device=None) -> torch.Tensor:
         ids = as_token_tensor(text_ids, device)

@@ -10,6 +10,7 @@ over batch, channels and state size and loops over the (short) token axis.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -18,19 +19,30 @@ from torch import nn
 
 __all__ = ["selective_scan_torch", "selective_scan", "mamba_kernel", "SSMix"]
 
+logger = logging.getLogger("vlseg")
+
 _MAMBA = None
 
 
 def mamba_kernel():
-    """``mamba_ssm``'s ``selective_scan_fn`` or ``None`` when the package (a GPU-only extra) is not importable."""
+    """``mamba_ssm``'s ``selective_scan_fn`` or ``None`` when the package (a GPU-only extra) is not importable.
+
+    The first call logs which scan runs on CUDA tensors: the kernel, or the PyTorch scan and why."""
     global _MAMBA
     if _MAMBA is None:
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
             _MAMBA = selective_scan_fn
-        except Exception:  # ImportError, or a CUDA extension that fails to load
+            logger.info("UA-VLS SSMix: selective scan runs mamba_ssm's CUDA kernel (selective_scan_fn)")
+        except ModuleNotFoundError as err:
             _MAMBA = False
+            logger.info("UA-VLS SSMix: mamba_ssm is not installed (%s); the selective scan runs the PyTorch "
+                        "implementation (same result, slower)", err)
+        except Exception as err:  # noqa: BLE001 - an installed package whose CUDA extension fails to load
+            _MAMBA = False
+            logger.warning("UA-VLS SSMix: mamba_ssm is installed but fails to import (%s: %s); the selective scan "
+                           "runs the PyTorch implementation (same result, slower)", type(err).__name__, err)
     return _MAMBA or None
 
 
@@ -100,11 +112,14 @@ class SSMix(nn.Module):
         dt_min / dt_max / dt_init_floor: range of the initial step sizes (the bias of the Delta projection holds
             ``softplus^-1(dt)``, the "log-transformed initialisation" of eq. 17).
         use_kernel: allow the mamba_ssm CUDA kernel when available.
+        delta_bias_twice: add the Delta bias twice, as the public code does (its ``dt_proj`` Linear adds the bias
+            and the scan adds it again through ``delta_bias``), i.e. ``softplus(W dt + 2 bias)``. Default
+            ``False``: once, as eq. 17 and Mamba (``softplus(W dt + bias)``).
     """
 
     def __init__(self, d_model: int, in_tokens: int = 24, out_tokens: int = 24, d_state: int = 16, d_conv: int = 4,
                  expand: float = 0.5, dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4, use_kernel: bool = True):
+                 dt_init_floor: float = 1e-4, use_kernel: bool = True, delta_bias_twice: bool = False):
         super().__init__()
         self.d_model, self.d_state = int(d_model), int(d_state)
         self.d_inner = int(round(expand * d_model))
@@ -114,6 +129,7 @@ class SSMix(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.in_tokens, self.out_tokens = int(in_tokens), int(out_tokens)
         self.use_kernel = bool(use_kernel)
+        self.delta_bias_twice = bool(delta_bias_twice)
         # eq. 13: T_H = Linear(T') with 2 * d_inner channels
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         # eq. 15: depthwise Conv1D on each branch, then tanh
@@ -128,8 +144,8 @@ class SSMix(nn.Module):
         a = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
         self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(self.d_inner))
-        # eq. 19: Linear over the token axis of Concat(SCAN, Q~)
-        self.out_proj = nn.Linear(self.in_tokens, self.out_tokens)
+        # eq. 19: Linear over the token axis of Concat(SCAN, Q~), without bias (public code)
+        self.out_proj = nn.Linear(self.in_tokens, self.out_tokens, bias=False)
         self._init_dt(dt_min, dt_max, dt_init_floor)
 
     def _init_dt(self, dt_min: float, dt_max: float, floor: float) -> None:
@@ -149,7 +165,8 @@ class SSMix(nn.Module):
         q = torch.tanh(self.conv_q(F.pad(q, self.conv_pad)))
         dbc = self.x_proj(p.transpose(1, 2))  # eq. 16: [B, N, dt_rank + 2 d_state]
         dt, b, c = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, N]; bias added in eq. 17
+        # [B, d_inner, N]; the bias is added in eq. 17 (once more here with delta_bias_twice, as the public code)
+        delta = F.linear(dt, self.dt_proj.weight, self.dt_proj.bias if self.delta_bias_twice else None).transpose(1, 2)
         scan = selective_scan(p, delta, -torch.exp(self.A_log.float()), b.transpose(1, 2).contiguous(),
                               c.transpose(1, 2).contiguous(), self.D, delta_bias=self.dt_proj.bias,
                               delta_softplus=True, use_kernel=self.use_kernel)  # eq. 17-18
