@@ -33,13 +33,15 @@ TINY_CLIP = {
 def mcs():
     """The bundle's ``scripts`` package (other bundles have their own ``scripts``: isolated)."""
     with bundle_context(BUNDLE):
+        import scripts.adapters
         import scripts.data
         import scripts.handlers
+        import scripts.head
         import scripts.losses
         import scripts.network
 
         yield SimpleNamespace(network=scripts.network, losses=scripts.losses, data=scripts.data,
-                              handlers=scripts.handlers)
+                              handlers=scripts.handlers, adapters=scripts.adapters, head=scripts.head)
 
 
 def tiny_net(mcs, **kw):
@@ -182,7 +184,7 @@ def test_total_loss_weights(mcs):
 
 
 def test_probabilistic_attention_equations(mcs):
-    N = mcs.network
+    N = mcs.adapters
     torch.manual_seed(0)
     q, k_mu, k_var = torch.randn(1, 2, 3), torch.randn(1, 4, 3), torch.rand(1, 4, 3) + 0.1
     s = N.probabilistic_attention_scores(q, k_mu, k_var, beta=2.35)
@@ -204,14 +206,15 @@ def test_probabilistic_attention_equations(mcs):
 
 
 def test_adapter_and_head_parameter_counts(mcs):
-    N = mcs.network
+    N, H = mcs.adapters, mcs.head
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     # UniMedCLIP layout (768-wide image and BERT text streams): the public code's 1,577,986 per adapter
     assert n(N.PVLAdapter(768, 768, 256)) == 1_577_986
     assert n(N.ProbCrossAttention(256)) == 395_777
     # OpenAI-style ViT-B/16 text tower is 512 wide: projections 512 -> 256 -> 512
     assert n(N.PVLAdapter(768, 512, 256)) == 2 * 768 * 256 + 2 * 512 * 256 + 2 * 395_777
-    assert n(N.ScaleBlock(512)) == 1_054_720
+    assert n(H.ScaleBlock(512)) == 1_054_720
+    assert H.ScaleBlock(8).norm.eps == 1e-6  # timm's LayerNorm2d, as upstream (trainers/scale_block.py)
 
 
 def test_fast_sampling_equals_naive_loop_and_seeds_differ(mcs):
@@ -226,6 +229,10 @@ def test_fast_sampling_equals_naive_loop_and_seeds_differ(mcs):
     other = net.sample_probabilities(img, ids, mask, num_samples=5, seed=8, fast=True)
     assert (other - fast).abs().max() > 1e-4
     assert (fast.std(dim=0) > 0).any()  # passes differ from each other
+    # documented (docs "Fast stochastic sampling"): a pass draws noise for the whole batch, so image 0 alone gets
+    # other draws than image 0 of a batch of 2 with the same seed
+    alone = net.sample_probabilities(img[:1], ids[:1], mask[:1], num_samples=5, seed=7, fast=True)
+    assert (alone[:, 0] - fast[:, 0]).abs().max() > 1e-4
     # with mask_text_padding the fast path also drops the padded text positions: still the naive loop's maps
     net.mask_text_padding = True
     assert net._drop_padding(ids, mask)[0].shape[1] < ids.shape[1]
@@ -419,7 +426,15 @@ def test_verify_metadata():
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     fmt = meta["network_data_format"]
     assert len(fmt["inputs"]["image"]["spatial_shape"]) == 2 and fmt["inputs"]["text"]["type"] == "string"
-    assert fmt["outputs"]["pred"]["channel_def"]["0"] == "background" and "uncertainty" in fmt["outputs"]
+    for name, out in fmt["outputs"].items():  # one entry per channel
+        assert len(out["channel_def"]) == out["num_channels"], name
+    assert fmt["outputs"]["pred"]["channel_def"]["0"].startswith("foreground") and "uncertainty" in fmt["outputs"]
+    # the input range is what ClipNormalized (OpenAI-CLIP statistics) makes of 0..255
+    lo, hi = fmt["inputs"]["image"]["value_range"]
+    assert lo == pytest.approx((0 - 0.48145466) / 0.26862954, abs=0.01)
+    assert hi == pytest.approx((1 - 0.40821073) / 0.27577711, abs=0.01)
+    assert "vlseg" not in meta["required_packages_version"] and not (
+        set(meta["required_packages_version"]) & set(meta.get("optional_packages_version", {})))
 
 
 def test_verify_net_in_out(mcs):

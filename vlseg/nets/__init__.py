@@ -5,8 +5,7 @@ from vlseg.nets.common import (
     count_parameters,
     forward_flops,
     freeze,
-    load_weights_or_warn,
     trainable_parameters,
 )
 
-__all__ = ["as_token_tensor", "count_parameters", "forward_flops", "freeze", "load_weights_or_warn", "trainable_parameters"]
+__all__ = ["as_token_tensor", "count_parameters", "forward_flops", "freeze", "trainable_parameters"]

@@ -36,6 +36,9 @@ def build(variant: str, checkpoint: str | None = None):
     parser = ConfigParser()
     parser.read_config(files)
     parser["bundle_root"] = str(BUNDLE)
+    # random weights on purpose (speed and equality do not depend on them; --checkpoint loads a trained model)
+    parser["require_pretrained"] = False
+    parser["clip_pretrained"] = None
     net = parser.get_parsed_content("network_def")
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -59,7 +62,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--max_sample_batch", type=int, default=None, help="rows per batched forward of the fast path")
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from vlseg.nets.common import forward_flops
