@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from vlseg.nets.flops import forward_flops  # noqa: F401 - re-exported (the bundles import it from here)
 
 __all__ = ["freeze", "trainable_parameters", "count_parameters", "forward_flops", "as_token_tensor"]
-
 
 
 def freeze(module: nn.Module, frozen: bool = True) -> nn.Module:
