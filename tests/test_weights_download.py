@@ -25,7 +25,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.name for p in (ROOT / "bundles").iterdir() if (p / "large_files.yml").is_file())
-WEIGHT_KEY = re.compile(r"(weights|pretrained|checkpoint|vocab)$")
+WEIGHT_KEY = re.compile(r"(weights|pretrained|checkpoint|vocab|_tower_dir)$")
+#: config files that are not weights variants (the paper configs, the size variants, the run modes)
+_NOT_WEIGHT_VARIANTS = {"train", "inference", "evaluate", "multi_gpu_train", "small", "tiny", "metadata"}
 
 
 def _entries(bundle: str) -> list[dict]:
@@ -83,19 +85,22 @@ def _copy_bundle(bundle: str, dest: Path) -> Path:
 
 
 def _configured_weight_paths(bundle_dir: Path) -> dict[str, Path]:
-    """Every weights key of the paper train and inference configs, parsed with the copy as ``bundle_root``."""
+    """Every weights key of the paper train and inference configs, alone and with each weights variant (e.g.
+    MedCLIPSeg's ``unimedclip.json``, ViLMedSAM's ``biomedclip.json``), parsed with the copy as ``bundle_root``."""
     from vlseg.bundles import bundle_context, load_parser
 
+    variants = [None] + sorted(p.stem for p in (bundle_dir / "configs").glob("*.json")
+                               if p.stem not in _NOT_WEIGHT_VARIANTS)
     found = {}
-    for base in ("train.json", "inference.json"):
+    for base, variant in ((b, v) for b in ("train.json", "inference.json") for v in variants):
         with bundle_context(bundle_dir):
-            parser = load_parser(bundle_dir, None, base=base)
+            parser = load_parser(bundle_dir, variant, base=base)
             for key in list(parser.config.keys()):
                 if not WEIGHT_KEY.search(key) or key.startswith("require_") or key == "checkpoint":
                     continue  # ``checkpoint``: this project's own trained model.pt, made by training, not fetched
                 value = parser.get_parsed_content(key)
                 if isinstance(value, (str, os.PathLike)) and str(value):
-                    found[f"{base}:{key}"] = Path(value)
+                    found[f"{base}+{variant or 'paper'}:{key}"] = Path(value)
     return found
 
 
