@@ -293,7 +293,7 @@ def test_every_tiny_bundle_loads(server):
     problems.update(skipped)
     assert not problems, f"bundles that did not load: {problems}"
     assert sorted(info["models"]) == expected
-    assert set(info["strategies"]) == {"uncertainty", "random", "first"}
+    assert set(info["strategies"]) == {"uncertainty", "random", "first", "diverse"}
     assert "uncertainty" in info["scoring"]
     assert sorted(info["trainers"]) == expected
     for name, m in info["models"].items():

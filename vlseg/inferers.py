@@ -1,4 +1,4 @@
-"""Inference shared by the three bundles: stochastic passes -> mean probability + uncertainty map.
+"""Inference shared by the three bundles: stochastic passes -> mean probability + uncertainty maps.
 
 Every bundle network follows one calling convention (see ``docs/ARCHITECTURE.md``)::
 
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from monai.inferers import Inferer
 
-from vlseg.uncertainty import binary_entropy
+from vlseg.uncertainty import MAP_NAMES, binary_entropy, uncertainty_maps
 
 __all__ = ["StochasticTextInferer", "mc_dropout", "sample_probabilities", "logits_of"]
 
@@ -66,7 +66,9 @@ def sample_probabilities(network, image, *args, num_samples: int = 1, **kwargs) 
 
 
 class StochasticTextInferer(Inferer):
-    """MONAI inferer returning ``[B, 2, H, W]``: channel 0 = mean foreground probability, channel 1 = uncertainty.
+    """MONAI inferer returning ``[B, 2, H, W]``: channel 0 = mean foreground probability, channel 1 = uncertainty
+    (predictive entropy); with ``decompose=True`` ``[B, 4, H, W]``: also channel 2 = mutual information and
+    channel 3 = standard deviation over the passes (:data:`vlseg.uncertainty.MAP_NAMES`, from the same passes).
 
     Args:
         num_samples: stochastic passes (the method's own sampling or MC dropout).
@@ -74,10 +76,14 @@ class StochasticTextInferer(Inferer):
             give identical maps, and the caller's global RNG is left untouched.
         extra_keys: unused by the inferer itself; documents the batch keys the bundles pass
             (``PrepareBatchExtraInput(extra_keys=["text_ids", "text_mask"])``).
+        decompose: add the mutual-information and standard-deviation channels (the bundles' inference configs set
+            it; training-time validation keeps the two contract channels).
     """
 
-    def __init__(self, num_samples: int = 1, seed: int | None = 0, extra_keys: Sequence[str] = ("text_ids", "text_mask")):
+    def __init__(self, num_samples: int = 1, seed: int | None = 0, extra_keys: Sequence[str] = ("text_ids", "text_mask"),
+                 decompose: bool = False):
         super().__init__()
+        self.decompose = bool(decompose)
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples = int(num_samples)
@@ -91,5 +97,8 @@ class StochasticTextInferer(Inferer):
             if self.seed is not None:
                 torch.manual_seed(self.seed)
             probs = sample_probabilities(network, inputs, *args, num_samples=n, **kwargs)
+        if self.decompose:
+            maps = uncertainty_maps(probs)
+            return torch.cat([maps[k] for k in MAP_NAMES], dim=1)
         mean = probs.mean(dim=0)
         return torch.cat([mean, binary_entropy(mean)], dim=1)

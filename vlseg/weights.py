@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["PretrainedWeightsError", "StateReport", "WeightsTarget", "read_state_dict", "compare_state",
+__all__ = ["as_flag", "PretrainedWeightsError", "StateReport", "WeightsTarget", "read_state_dict", "compare_state",
            "load_pretrained", "missing_weights", "fetch_command", "HF_WEIGHT_FILES"]
 
 logger = logging.getLogger("vlseg")
@@ -42,6 +42,20 @@ _SHOW = 5
 
 class PretrainedWeightsError(RuntimeError):
     """A required pretrained weights file is missing, unreadable or does not fit the network."""
+
+
+def as_flag(value) -> bool:
+    """A config switch as a bool. ``python -m monai.bundle run --require_pretrained false`` hands over the STRING
+    ``"false"`` (Fire turns only ``False`` into a bool), which ``bool()`` would read as true: accept
+    ``true/false/yes/no/1/0`` in any case, and refuse anything else with the reason."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "1", "on"):
+            return True
+        if word in ("false", "no", "0", "off", ""):
+            return False
+        raise ValueError(f"expected true or false, got {value!r}")
+    return bool(value)
 
 
 def fetch_command(bundle: str) -> str:
@@ -153,12 +167,13 @@ def compare_state(expected: Mapping[str, torch.Tensor], state: Mapping[str, torc
 
 def missing_weights(path, target: WeightsTarget, require: bool) -> None:
     """A configured weights file is absent (or none is configured): raise when ``require``, else one warning."""
+    require = as_flag(require)
     where = f"file {str(path)!r}" if path else "no file"
     msg = (f"{target.what}: pretrained weights not found ({where}, config key `{target.config_key}`). "
            f"Fetch them with `{target.fetch}`")
     if require:
         raise PretrainedWeightsError(f"{msg}, or set `require_pretrained: false` to train from RANDOM weights on "
-                                     f"purpose (e.g. `--require_pretrained false`).")
+                                     f"purpose (e.g. `--require_pretrained False`).")
     logger.warning("%s. require_pretrained is false: continuing with RANDOM weights.", msg)
 
 
@@ -171,6 +186,7 @@ def load_pretrained(module: nn.Module, path, target: WeightsTarget, require: boo
     and ``ignore`` as in :func:`compare_state`. A missing file, or one that does not fit exactly, raises
     :class:`PretrainedWeightsError` when ``require``; otherwise one warning and nothing is loaded (False).
     """
+    require = as_flag(require)
     if not path or not Path(str(path)).expanduser().exists():
         missing_weights(path, target, require)
         return False

@@ -10,13 +10,14 @@ input sizes are scored on the same pixels, against the label read by the same im
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from vlseg.bench.bundles import BundleModel, find_transform
 from vlseg.metrics import segmentation_metrics, summarize
+from vlseg.uncertainty import EXTRA_MAP_NAMES, MAP_NAMES
 
 __all__ = ["Prediction", "predict_items", "evaluate_items", "load_label"]
 
@@ -28,6 +29,8 @@ class Prediction:
     prob: np.ndarray  # [H, W] mean foreground probability
     uncertainty: np.ndarray  # [H, W] normalised binary entropy of prob
     label: np.ndarray  # [H, W] bool
+    #: ``mutual_information`` / ``std`` [H, W] when the inferer decomposes (the bundles' inference configs do)
+    maps: dict = field(default_factory=dict)
 
     @property
     def mask(self) -> np.ndarray:
@@ -101,7 +104,8 @@ def predict_items(bm: BundleModel, items: Sequence[dict], prompt_key: str | None
                 if tuple(label.shape) != tuple(o.shape[-2:]):
                     o = torch.nn.functional.interpolate(o[None], size=label.shape, mode="bilinear", align_corners=False)[0]
                 o = o.clamp(0.0, 1.0).numpy()
-                yield Prediction(it, text, o[0], o[1], label)
+                extra = dict(zip(EXTRA_MAP_NAMES, o[2:])) if o.shape[0] == len(MAP_NAMES) else {}
+                yield Prediction(it, text, o[0], o[1], label, extra)
     finally:
         if hasattr(inferer, "seed"):
             inferer.seed = old_seed

@@ -12,7 +12,7 @@ raw ``text`` strings; ``PrepareBatchExtraInput(extra_keys=["text_ids", "text_mas
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -181,17 +181,25 @@ class TokenizeTextd(MapTransform):
 
 
 class SplitPredUncertaintyd(MapTransform):
-    """Split the inferer's 2-channel output into ``pred`` (mean probability) and ``uncertainty`` (1 channel each)."""
+    """Split the inferer's output into ``pred`` (mean probability) and ``uncertainty`` (1 channel each); the
+    decomposed 4-channel output (``StochasticTextInferer(decompose=True)``) also gives ``map_keys`` (by default
+    ``mutual_information`` and ``std``, :data:`vlseg.uncertainty.EXTRA_MAP_NAMES`)."""
 
-    def __init__(self, keys: KeysCollection = "pred", uncertainty_key: str = "uncertainty"):
+    def __init__(self, keys: KeysCollection = "pred", uncertainty_key: str = "uncertainty",
+                 map_keys: Sequence[str] = ("mutual_information", "std")):
         super().__init__(keys)
         self.uncertainty_key = uncertainty_key
+        self.map_keys = tuple(map_keys)
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             out = d[key]
-            if out.shape[0] != 2:
-                raise ValueError(f"expected 2 channels (probability, uncertainty) in '{key}', got {out.shape[0]}")
+            if out.shape[0] not in (2, 2 + len(self.map_keys)):
+                raise ValueError(f"expected 2 channels (probability, uncertainty) or {2 + len(self.map_keys)} (also "
+                                 f"{', '.join(self.map_keys)}) in '{key}', got {out.shape[0]}")
             d[key], d[self.uncertainty_key] = out[0:1], out[1:2]
+            if out.shape[0] > 2:
+                for i, name in enumerate(self.map_keys):
+                    d[name] = out[2 + i:3 + i]
         return d

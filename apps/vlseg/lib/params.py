@@ -31,6 +31,8 @@ __all__ = [
     "parse_int",
     "parse_float",
     "parse_bool",
+    "parse_map_names",
+    "parse_score_name",
     "check_device",
     "check_model_filename",
     "check_config_values",
@@ -197,6 +199,35 @@ def parse_bool(request: dict, key: str, default: bool = False) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
         return value.strip().lower() in ("true", "1", "yes", "on")
     raise RequestError(f"{key} must be true or false, got {value!r}")
+
+
+def parse_map_names(request: dict, key: str, available) -> list[str]:
+    """Which of the bundle's decomposed uncertainty maps (``available``, e.g. ``mutual_information``, ``std``) to
+    deliver: a list or comma-separated names, ``all`` (the default) or ``none``."""
+    available = list(available)
+    value = request.get(key)
+    if value in (None, "", "all"):
+        return available
+    if value in ("none", []):
+        return []
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise RequestError(f"{key} must be a list of map names, 'all' or 'none', got {value!r}")
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise RequestError(f"{key}: unknown map(s) {unknown}; this model outputs {available or 'no extra maps'} "
+                           "(or use 'all' / 'none')")
+    return list(dict.fromkeys(names))
+
+
+def parse_score_name(request: dict, key: str, default: str) -> str:
+    """An image score of :data:`vlseg.scores.SCORES` (``top5``, ``mean``, ``boundary``, ``mi_mean``, ...)."""
+    from vlseg.scores import SCORES
+
+    value = request.get(key) or default
+    if value not in SCORES:
+        raise RequestError(f"{key} must be one of {list(SCORES)}, got {value!r}")
+    return value
 
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")

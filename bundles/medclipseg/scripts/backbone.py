@@ -24,7 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
-from vlseg.weights import PretrainedWeightsError, WeightsTarget, fetch_command, load_pretrained
+from vlseg.weights import PretrainedWeightsError, WeightsTarget, as_flag, fetch_command, load_pretrained
 
 __all__ = ["BUNDLE_ROOT", "BIOMEDBERT_CONFIG_DIR", "FETCH", "CLIP_TARGET", "build_clip_backbone", "load_clip_weights",
            "load_hf_text_weights", "clip_key_map", "check_tokenizer", "hf_tokenizer_spec", "openclip_tokenizer_family"]
@@ -199,7 +199,7 @@ def hf_tokenizer_spec(folder, require: bool, stand_in: str = "cxr-bert") -> str:
         return f"hf:{vocab.parent}"
     msg = (f"the text tower's vocabulary {vocab} is missing (config key `tokenizer`, BiomedBERT's vocab.txt); fetch "
            f"it with `{FETCH}`")
-    if require:
+    if as_flag(require):
         raise PretrainedWeightsError(msg + ", or set `require_pretrained: false` to use a RANDOM text tower with the "
                                            f"{stand_in!r} vocabulary as a stand-in.")
     logger.warning("%s. require_pretrained is false: tokenizing with the %r vocabulary as a stand-in (only "

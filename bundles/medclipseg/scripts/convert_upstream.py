@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state}, args.output)
     print(f"fits exactly ({check.matched} tensors); wrote {args.output}. Run it with --checkpoint {args.output} "
-          f"and the configs {' '.join(Path(c).name for c in args.config_file)} plus --bgr_imagenet_compat true")
+          f"and the configs {' '.join(Path(c).name for c in args.config_file)} plus --bgr_imagenet_compat True")
     return 0
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlseg.nets.common import as_token_tensor, count_parameters, freeze
-from vlseg.weights import missing_weights
+from vlseg.weights import as_flag, missing_weights
 
 from .adapters import PVLAdapter
 from .backbone import (BUNDLE_ROOT, CLIP_TARGET, build_clip_backbone, check_tokenizer, load_clip_weights,
@@ -65,6 +65,7 @@ class MedCLIPSeg(nn.Module):
                  beta: float = 2.35, gate_init: float = 0.0, num_upscale: int = 2, mask_text_padding: bool = False,
                  max_sample_batch: int = 64):
         super().__init__()
+        require_pretrained = as_flag(require_pretrained)
         if require_pretrained and not (clip_pretrained and Path(str(clip_pretrained)).expanduser().exists()):
             missing_weights(clip_pretrained, CLIP_TARGET, True)  # fail fast, before building the towers
         self.clip, hf = build_clip_backbone(clip_model_name, clip_cfg)
@@ -98,9 +99,9 @@ class MedCLIPSeg(nn.Module):
         text_loaded = False
         if hf is not None and hf["pretrained"]:  # the folder's own BERT weights (e.g. the small variant's MiniLM)
             text_loaded = load_hf_text_weights(self.clip.text.transformer, hf["dir"], hf["num_layers"],
-                                               bool(require_pretrained))
+                                               require_pretrained)
         if clip_pretrained or require_pretrained or not text_loaded:
-            self.encoders_pretrained = load_clip_weights(self.clip, clip_pretrained, bool(require_pretrained))
+            self.encoders_pretrained = load_clip_weights(self.clip, clip_pretrained, require_pretrained)
         else:  # a deliberately weight-less image tower next to a pretrained text tower (small variant)
             logger.info("MedCLIPSeg: no CLIP weights file configured: image encoder RANDOM")
             self.encoders_pretrained = False

@@ -23,7 +23,7 @@ from scripts.modab import MoDAB
 from vlseg.nets.common import as_token_tensor, freeze
 from vlseg.text.encoders import build_text_encoder
 from vlseg.text.vocab import check_tokenizer_matches
-from vlseg.weights import WeightsTarget, fetch_command, load_pretrained, missing_weights
+from vlseg.weights import WeightsTarget, as_flag, fetch_command, load_pretrained, missing_weights
 
 __all__ = ["ImageEncoder", "TextEncoder", "DecoderStage", "SubpixelHead", "UAVLS"]
 
@@ -197,7 +197,7 @@ class UAVLS(nn.Module):
                  cross_attn_drop: float = 0.1, alpha_init: float = 1.421, qk_norm: bool = True,
                  ssmix: dict | None = None, subpixel_channels: int = 24, out_channels: int = 1):
         super().__init__()
-        require = bool(require_pretrained)
+        require = as_flag(require_pretrained)
         fetch = fetch_command(BUNDLE)
         checks = [(image_weights, f"UA-VLS image encoder ({image_encoder})", "image_weights")]
         if text_encoder == "cxr-bert":  # MiniLM's weights ship with its package

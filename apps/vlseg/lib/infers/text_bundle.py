@@ -11,8 +11,11 @@ needs on top:
 * ``run_inferer`` calls the bundle inferer (``vlseg.inferers.StochasticTextInferer``) with the token tensors and the
   requested ``num_samples`` / ``seed``;
 * the answer is the binary (or class-valued) mask as the label file, the uncertainty map stored as a second file
-  (datastore label tag ``uncertainty``, fetched with ``GET /datastore/label?label=<image>&tag=uncertainty``) and a
-  JSON block with model, prompt, samples, latency, uncertainty statistics and the checkpoint's identity;
+  (datastore label tag ``uncertainty``, fetched with ``GET /datastore/label?label=<image>&tag=uncertainty``), the
+  bundle's decomposed maps (``mutual_information``, ``std``; tags ``uncertainty_mutual_information`` /
+  ``uncertainty_std``; request ``uncertainty_maps`` picks which, see :mod:`lib.infers.outputs`) and a JSON block with
+  model, prompt, samples, latency, uncertainty statistics and image scores (:mod:`vlseg.scores`) and the
+  checkpoint's identity;
 * NIfTI volumes are segmented slice by slice along ``axis`` with the 2D bundle; mask and uncertainty come back as
   volumes on the input's grid and affine (uncertainty as float32).
 
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +45,7 @@ from monailabel.transform.post import Restored
 from monailabel.transform.pre import LoadImageTensord
 
 from lib import imageio
+from lib.infers.outputs import deliver_map, map_tag, write_label, write_map
 from lib.params import (
     PromptSpec,
     RequestError,
@@ -51,25 +56,29 @@ from lib.params import (
     http_error,
     parse_bool,
     parse_int,
+    parse_map_names,
     resolve_prompts,
 )
 from vlseg.app_support.bundles import BundleError, checkpoint_identity, config_files, read_checkpoint_record
 from vlseg.app_support.checkpoints import checkpoint_mismatch
 from vlseg.data.transforms import ImageInputError, SelectPromptd
 from vlseg.text.prompts import PromptError
-from vlseg.uncertainty import uncertainty_scores
+from vlseg.scores import compute_scores
+from vlseg.uncertainty import EXTRA_MAP_NAMES, uncertainty_scores
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TextBundleInferTask", "Prediction"]
 
 #: Request keys this task reads (others that MONAI Label or the viewers send are passed through unused).
-VLSEG_PARAMS = ("text", "label_prompt", "num_samples", "seed", "axis", "uncertainty_inline", "result_extension")
+VLSEG_PARAMS = ("text", "label_prompt", "num_samples", "seed", "axis", "uncertainty_inline", "uncertainty_maps",
+                "result_extension")
 
 
 @dataclass
 class Prediction:
-    """Mask (label values of the prompts), uncertainty map in [0, 1] and per-prompt statistics."""
+    """Mask (label values of the prompts), uncertainty map in [0, 1], the bundle's other maps and per-prompt
+    statistics."""
 
     kind: str  # "2d" | "volume"
     mask: np.ndarray  # uint8, row-major 2D [H, W] or the volume's voxel grid
@@ -77,6 +86,10 @@ class Prediction:
     prompts: list[dict] = field(default_factory=list)
     ref: Any = None  # nibabel image of a volume input
     axis: int | None = None
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # "mutual_information", "std" (float32, same shape)
+
+    def all_maps(self) -> dict[str, np.ndarray]:
+        return {"uncertainty": self.uncertainty, **self.maps}
 
 
 def _walk(transforms):
@@ -137,6 +150,10 @@ class TextBundleInferTask(BundleInferTask):
         self.uncertainty_tag = uncertainty_tag
         self.store_uncertainty = bool(store_uncertainty)
         self._reversed_axes = True
+        # MONAI Label's bundle task re-parses the config and reloads the bundle's ``scripts`` on every call, and the
+        # stochastic passes switch dropout modes and seed the global RNG: one call at a time per task (the scoring's
+        # worker threads overlap everything else)
+        self.lock = threading.RLock()
         super().__init__(path, conf, post_filter=[SaveImaged], load_strict=True, **kwargs)
         if not self.valid:
             return
@@ -144,6 +161,7 @@ class TextBundleInferTask(BundleInferTask):
         with open(os.path.join(path, "configs", "metadata.json")) as fp:
             outputs = list(json.load(fp)["network_data_format"]["outputs"])
         self.key_uncertainty = outputs[1] if len(outputs) > 1 else "uncertainty"
+        self.map_keys = tuple(k for k in EXTRA_MAP_NAMES if k in outputs)  # decomposed maps the bundle declares
         self.bundle_name = os.path.basename(os.path.normpath(path))
         self.bundle_labels = dict(self.labels) if isinstance(self.labels, dict) else {}
         # viewers (OHIF class prompts) list the app's label words for this model
@@ -204,6 +222,7 @@ class TextBundleInferTask(BundleInferTask):
             "volume_axis": self.volume_axis,
             "bundle_labels": self.bundle_labels,
             "uncertainty_tag": self.uncertainty_tag,
+            "maps": {k: map_tag(self.uncertainty_tag, k) for k in ("uncertainty",) + self.map_keys},
             "checkpoint": self.checkpoint(),
         }
         return i
@@ -224,7 +243,11 @@ class TextBundleInferTask(BundleInferTask):
         post = [t for t in super().post_transforms(data)
                 if not any(w in type(t).__name__ for w in ("Save", "Overlay", "Writer", "Write"))]
         # the bundle inverts its resizing; Restored is a no-op then and a safety net otherwise
-        post.append(Restored(keys=self.key_uncertainty, ref_image=self.key_image, mode="bilinear"))
+        # the maps split off the inferer's output: 2 channels, or 4 when the bundle's inferer decomposes
+        out = (data or {}).get(self.output_label_key)
+        decomposed = out is None or getattr(out, "shape", (0,))[0] > 2
+        keys = [self.key_uncertainty, *(self.map_keys if decomposed else ())]
+        post.append(Restored(keys=keys, ref_image=self.key_image, mode="bilinear"))
         return post
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
@@ -272,32 +295,36 @@ class TextBundleInferTask(BundleInferTask):
             "seed": parse_int(request, "seed", None, 0, 2**31 - 1),
             "axis": parse_int(request, "axis", self.volume_axis, 0, 2),
             "inline": parse_bool(request, "uncertainty_inline", False),
+            "maps": parse_map_names(request, "uncertainty_maps", self.map_keys),
             "result_extension": ext or None,
         }
 
     def _run_2d(self, png_path: str, prompt: str, num_samples: int, seed, extra: dict,
-                shape_hw: tuple[int, int], callbacks=None) -> tuple[np.ndarray, np.ndarray]:
-        """One 2D image, one prompt -> (foreground mask bool [H,W], uncertainty float32 [H,W]), row-major."""
+                shape_hw: tuple[int, int], callbacks=None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """One 2D image, one prompt -> (foreground mask bool [H,W], uncertainty float32 [H,W], the bundle's other
+        maps by name), row-major."""
         req = dict(extra)
         req.update({"image": png_path, "text": prompt, "num_samples": num_samples, "seed": seed, "skip_writer": True})
-        _, data = BundleInferTask.__call__(self, req, callbacks)
-        pred = _to_numpy_2d(data[self.output_label_key])
-        unc = _to_numpy_2d(data[self.key_uncertainty])
+        with self.lock:
+            _, data = BundleInferTask.__call__(self, req, callbacks)
+        keys = {"pred": self.output_label_key, "uncertainty": self.key_uncertainty,
+                **{k: k for k in self.map_keys if data.get(k) is not None}}
         h, w = shape_hw
-        out = []
-        for a in (pred, unc):
+        out = {}
+        for name, key in keys.items():
+            a = _to_numpy_2d(data[key])
             if a.shape == (w, h) and (h != w or self._reversed_axes):
                 a = a.T
             if a.shape != (h, w):
-                raise RuntimeError(f"{self.bundle_name}: output {a.shape} does not match the input {(h, w)}")
-            out.append(a)
-        return out[0] > 0.5, np.clip(out[1], 0.0, 1.0).astype(np.float32)
+                raise RuntimeError(f"{self.bundle_name}: output {name} {a.shape} does not match the input {(h, w)}")
+            out[name] = a if name == "pred" else np.clip(a, 0.0, 1.0).astype(np.float32)
+        return out.pop("pred") > 0.5, out.pop("uncertainty"), out
 
     def predict(self, image_path: str, prompts: list[PromptSpec], num_samples: int, seed=None, axis: int | None = None,
                 extra: dict | None = None, callbacks=None) -> Prediction:
         """Segment a 2D image or a NIfTI volume (slice by slice) for each prompt and combine the results.
 
-        The mask gets each prompt's value where that prompt is foreground (later prompts win on overlaps); the
+        The mask gets each prompt's value where that prompt is foreground (later prompts win on overlaps); every
         uncertainty map is the element-wise maximum over the prompts.
         """
         extra = {k: v for k, v in (extra or {}).items() if k in ("device", "model_filename", "logging")}
@@ -310,12 +337,15 @@ class TextBundleInferTask(BundleInferTask):
                 raise RequestError(str(e), status=e.status) from None
             mask = np.zeros(shape_hw, np.uint8)
             unc = np.zeros(shape_hw, np.float32)
+            maps: dict[str, np.ndarray] = {}
             for p in prompts:
-                fg, u = self._run_2d(image_path, p.prompt, num_samples, seed, extra, shape_hw, callbacks)
+                fg, u, more = self._run_2d(image_path, p.prompt, num_samples, seed, extra, shape_hw, callbacks)
                 mask[fg] = p.value
                 np.maximum(unc, u, out=unc)
+                for k, a in more.items():
+                    np.maximum(maps.setdefault(k, np.zeros(shape_hw, np.float32)), a, out=maps[k])
                 per_prompt.append(self._prompt_stats(p, fg, u))
-            return Prediction("2d", mask, unc, per_prompt)
+            return Prediction("2d", mask, unc, per_prompt, maps=maps)
         if kind == "volume":
             axis = self.volume_axis if axis is None else int(axis)
             try:
@@ -330,6 +360,7 @@ class TextBundleInferTask(BundleInferTask):
             vol8 = imageio.window_to_uint8(vol)
             mask = np.zeros(vol.shape, np.uint8)
             unc = np.zeros(vol.shape, np.float32)
+            maps = {}
             stats = {p: [np.zeros(vol.shape, bool), np.zeros(vol.shape, np.float32)] for p in prompts}
             extra = dict(extra, logging="WARNING")
             with tempfile.TemporaryDirectory(prefix="vlseg_slices_") as tmp:
@@ -340,12 +371,15 @@ class TextBundleInferTask(BundleInferTask):
                     index[axis] = k
                     index = tuple(index)
                     for p in prompts:
-                        fg, u = self._run_2d(png, p.prompt, num_samples, seed, extra, sl.shape)
+                        fg, u, more = self._run_2d(png, p.prompt, num_samples, seed, extra, sl.shape)
                         mask[index][fg] = p.value
                         unc[index] = np.maximum(unc[index], u)
+                        for name, a in more.items():
+                            m = maps.setdefault(name, np.zeros(vol.shape, np.float32))
+                            m[index] = np.maximum(m[index], a)
                         stats[p][0][index], stats[p][1][index] = fg, u
             per_prompt = [self._prompt_stats(p, *stats[p]) for p in prompts]
-            return Prediction("volume", mask, unc, per_prompt, ref=ref, axis=axis)
+            return Prediction("volume", mask, unc, per_prompt, ref=ref, axis=axis, maps=maps)
         raise RequestError(f"unsupported image type {os.path.basename(image_path)!r}: use a 2D image "
                            f"({', '.join(imageio.IMAGE_2D_EXT)}) or a NIfTI volume (.nii, .nii.gz)", status=415)
 
@@ -376,7 +410,6 @@ class TextBundleInferTask(BundleInferTask):
             logger.warning("%s: refused input: %s", getattr(self, "bundle_name", "?"), user)
             raise http_error(user, 422) from None
         infer_s = time.perf_counter() - start
-        label_file, unc_file, unc_meta = self._write(pred, params)
         scores = uncertainty_scores(torch.from_numpy(pred.uncertainty))
         info: dict[str, Any] = {
             "model": self.bundle_name,
@@ -393,12 +426,14 @@ class TextBundleInferTask(BundleInferTask):
             "uncertainty_mean": round(scores["mean"], 6),
             "uncertainty_top5": round(scores["top5"], 6),
             "uncertainty_max": round(scores["max"], 6),
+            "scores": {k: round(v, 6) for k, v in compute_scores(pred.all_maps(), mask=pred.mask > 0).items()},
             "checkpoint": self.checkpoint(),
             "label_names": {p.prompt: p.value for p in params["prompts"]},
         }
-        info["uncertainty"] = self._deliver_uncertainty(request, unc_file, unc_meta, info)
-        if params["inline"]:
-            info["uncertainty"]["npy_base64"] = imageio.npy_base64(pred.uncertainty)
+        label_file = write_label(pred, params)
+        info["uncertainty"] = self._deliver(request, "uncertainty", pred.uncertainty, pred, params, info)
+        info["maps"] = {name: self._deliver(request, name, pred.maps[name], pred, params, info)
+                        for name in params["maps"] if name in pred.maps}
         total = time.perf_counter() - start
         info["latency_s"] = round(total, 4)
         info["latencies"] = {"infer": round(infer_s, 4), "write": round(total - infer_s, 4), "total": round(total, 4)}
@@ -408,55 +443,15 @@ class TextBundleInferTask(BundleInferTask):
         return label_file, info
 
     # ------------------------------------------------------------------ outputs
-    def _write(self, pred: Prediction, params: dict) -> tuple[str, str, dict]:
-        if pred.kind == "volume":
-            nrrd = params.get("result_extension") == ".nrrd"  # MONAI Label's OHIF v3 plugin asks for .nrrd
-            label = tempfile.NamedTemporaryFile(suffix=".nrrd" if nrrd else ".nii.gz", delete=False).name
-            unc = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
-            if nrrd:
-                imageio.write_nrrd_uint8(pred.mask, label, affine=pred.ref.affine)
-            else:
-                imageio.write_like_volume(pred.ref, pred.mask, label, np.uint8)
-            imageio.write_like_volume(pred.ref, pred.uncertainty, unc, np.float32)
-            return label, unc, {"format": "nifti", "dtype": "float32", "scale": 1.0}
-        ext = params.get("result_extension") or ".png"
-        label = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
-        if ext == ".png":
-            imageio.write_mask_png(pred.mask, label)
-        elif ext == ".nrrd":
-            imageio.write_nrrd_uint8(pred.mask, label, layout="2d")
+    def _deliver(self, request: dict, name: str, array: np.ndarray, pred: Prediction, params: dict, info: dict) -> dict:
+        """Write the map ``name``, store it under its tag (:func:`lib.infers.outputs.map_tag`), inline on request."""
+        path, meta = write_map(pred, array)
+        label_info = {k: info[k] for k in ("model", "variant", "prompt", "num_samples", "kind")}
+        if name == "uncertainty":
+            label_info.update({k: info[k] for k in ("uncertainty_mean", "uncertainty_max", "uncertainty_top5")})
         else:
-            imageio.write_2d_nifti(pred.mask, label, np.uint8)
-        unc = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
-        imageio.write_uncertainty_png16(pred.uncertainty, unc)
-        return label, unc, {"format": "png16", "dtype": "uint16", "scale": imageio.UNCERTAINTY_PNG_SCALE}
-
-    def _deliver_uncertainty(self, request: dict, unc_file: str, meta: dict, info: dict) -> dict:
-        """Store the uncertainty file as datastore label ``<image id>`` / tag ``uncertainty`` when possible."""
-        out = dict(meta, tag=self.uncertainty_tag)
-        image_id = request.get("vlseg_image_id")
-        store = self.store_uncertainty and image_id and self.datastore is not None
-        if store:
-            try:
-                label_info = {k: info[k] for k in ("model", "variant", "prompt", "num_samples", "uncertainty_mean",
-                                                   "uncertainty_max", "uncertainty_top5")}
-                label_info.update(format=meta["format"], scale=meta["scale"], kind=info["kind"])
-                self.datastore.save_label(image_id, unc_file, self.uncertainty_tag, label_info)
-                out.update(stored=True, label=image_id,
-                           url=f"/datastore/label?label={image_id}&tag={self.uncertainty_tag}")
-                # a DICOMweb datastore also publishes the map as a DICOM series of the image's study (OHIF)
-                series = (self.datastore.get_label_info(image_id, self.uncertainty_tag) or {}).get("SeriesInstanceUID")
-                if series:
-                    out["dicom_series"] = series
-            except Exception as e:  # a remote datastore may refuse extra tags: the caller can still ask inline
-                logger.warning("%s: could not store the uncertainty map for %s: %s", self.bundle_name, image_id, e)
-                out.update(stored=False, reason=str(e))
-        else:
-            out.update(stored=False, reason="uploaded image (no datastore id)" if not image_id else "storing disabled")
-        try:
-            os.remove(unc_file)
-        except OSError:
-            pass
-        if not out.get("stored"):
-            out["hint"] = "send params {\"uncertainty_inline\": true} to receive the map as base64 .npy in this JSON"
+            label_info.update(map=name, mean=round(float(np.mean(array, dtype=np.float64)), 6))
+        out = deliver_map(self, request, map_tag(self.uncertainty_tag, name), path, meta, label_info)
+        if params["inline"]:
+            out["npy_base64"] = imageio.npy_base64(array)
         return out
