@@ -55,8 +55,11 @@ def test_prompt_resolution_order():
     assert resolve_prompts({"label_prompt": ["Cyst"]}, LABELS, None)[0].value == 2
     d = resolve_prompts({}, LABELS, "lesion")[0]
     assert (d.prompt, d.value, d.source) == ("lesion", 3, "default")
-    # text wins over label_prompt
-    assert resolve_prompts({"text": "a dark oval cyst", "label_prompt": [1]}, LABELS, None)[0].value == 1
+    # a non-empty label_prompt wins over a text left in the config (OHIF sends both); an empty one does not
+    both = resolve_prompts({"text": "a dark oval cyst", "label_prompt": [2]}, LABELS, None)
+    assert [(p.prompt, p.value, p.source) for p in both] == [("cyst", 2, "label_prompt")]
+    assert resolve_prompts({"text": "a dark oval cyst", "label_prompt": []}, LABELS, None)[0].source == "text"
+    assert resolve_prompts({"text": "polyp", "label_prompt": ""}, LABELS, None)[0].value == 1
 
 
 @pytest.mark.parametrize("request_, fragment", [
@@ -333,6 +336,45 @@ def test_infer_label_prompt_as_ohif_sends_it(server):
     label_file, p2 = server["client"].infer("toy", "test_0000", {"label_prompt": [1, 3]})
     assert set(np.unique(_png(label_file))) <= {0, 1, 3}
     assert [q["prompt"] for q in p2["prompts"]] == ["polyp", "lesion"]
+
+
+def test_ohif_options_free_text_and_class_prompts_win_over_it(server):
+    """OHIF's panel sends the model's whole ``config`` (from /info, edited in its Options dialog) with every request:
+    free text typed into Options -> ``text`` is used by *Auto-Segmentation* (no classes), and ticked classes
+    (``label_prompt``) win over a ``text`` left there."""
+    config = dict(_info(server)["models"]["toy"]["config"], text="dark oval cyst")
+
+    def ohif(extra):
+        r = requests.post(f"{server['url']}/infer/toy", params={"image": "test_0000", "output": "json"},
+                          files={"params": (None, json.dumps({**config, **extra}))}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    auto = ohif({})
+    assert auto["prompt"] == "dark oval cyst" and auto["prompt_source"] == "text"
+    classes = ohif({"label_prompt": [2]})
+    assert classes["prompt"] == "cyst" and classes["prompt_source"] == "label_prompt"
+
+
+def test_uncertain_segments_drawn_and_stripped_on_save(server):
+    """``uncertain_segments``: extra label values where the uncertainty is high (named in ``label_names`` so viewers
+    draw them), stripped again when the label is saved, so the stored label holds only the class."""
+    client = server["client"]
+    label_file, p = client.infer("toy", "train_0002", {"text": "polyp", "uncertain_segments": "0.001"})
+    sent = _png(label_file)
+    assert p["uncertain_segments"]["threshold"] == 0.001 and p["uncertain_segments"]["pixels"] > 0
+    assert set(np.unique(sent)) <= {0, 1, 129, 255} and set(np.unique(sent)) & {129, 255}
+    assert {n: v for n, v in p["label_names"].items() if v > 128} == p["uncertain_segments"]["segments"]
+    try:
+        client.save_label("train_0002", label_file, tag="final", params={"text": "polyp"})
+        stored = _png(client.download_label("train_0002", "final"))
+        assert set(np.unique(stored)) <= {0, 1}
+        assert np.array_equal(stored == 1, (sent == 1) | (sent == 129))
+    finally:
+        requests.delete(f"{server['url']}/datastore/label", params={"id": "train_0002", "tag": "final"}, timeout=30)
+    r = requests.post(f"{server['url']}/infer/toy", params={"image": "train_0002", "output": "json"},
+                      files={"params": (None, json.dumps({"text": "polyp", "uncertain_segments": "2"}))}, timeout=60)
+    assert r.status_code == 422 and "uncertain_segments" in r.text
 
 
 def test_infer_without_prompt_uses_configured_default(server):

@@ -25,10 +25,19 @@ Configuration (``--conf key value``):
 ``volume_axis``               axis along which NIfTI volumes are cut into 2D slices (default 2)
 ``uncertainty_tag``           datastore label tag of stored uncertainty maps (default ``uncertainty``)
 ``store_uncertainty``         store each uncertainty map in the datastore (default true)
+``uncertain_segments``        extra label segments where the uncertainty is at or above a threshold, so OHIF and
+                              Slicer draw it over the image (``true`` = 0.5, a number in (0, 1], default off;
+                              stripped again by name when the label is saved; see lib/uncertain_segments.py)
 ``scoring_model``             bundle used for active-learning scoring (default: the first one loaded)
 ``scoring_samples``           stochastic passes per image when scoring (default 8)
 ``scoring_prompts``           ``labels`` | ``default`` | ``caption`` (default ``labels``)
-``scoring_max_images``        score at most this many unlabelled images per run (default 0 = all)
+``scoring_max_images``        score at most this many unlabelled images per run, drawn at random (seeded) from
+                              those not yet scored by the current model (default 0 = all)
+``scoring_seed``              seed of that random draw and of the ``diverse`` strategy's k-means (default 0)
+``scoring_score``             image score the strategies rank by (``vlseg.scores``: ``top5``, ``mean``, ``max``,
+                              ``boundary``, ``mi_mean``, ``mi_top5``, ``std_mean``; default ``top5``, see README)
+``scoring_max_workers``       threads scoring images side by side (default 2)
+``strategy_batch_size``       images per batch of the ``diverse`` strategy (default 5)
 ``train_epochs``              default ``max_epochs`` of the train tasks (default 10)
 ``skip_trainers``             do not create train tasks (default false)
 ``dicomweb_search_filter``    DICOMweb studies: QIDO series filter, JSON (default ``{}``: every image series)
@@ -37,6 +46,11 @@ Configuration (``--conf key value``):
                               ``uncertainty`` for DICOMweb studies, ``random`` (MONAI Label's) for folders
 ``cache_dir``                 app working files: training masks and datalists, train records
                               (default ``<app>/model/vlseg/<hash of studies path>``)
+``infer_workers``             threads running ``/infer`` requests off the event loop (default 1: the bundles and their
+                              caches are not promised to be thread-safe); 0: MONAI Label's own synchronous endpoint,
+                              which stops every other request while one is segmented
+``infer_queue``               ``/infer`` requests that may wait for a worker (default 16); more: 503 + Retry-After
+``infer_retry_after``         seconds in the 503's ``Retry-After`` header (default 5)
 ============================  ==========================================================================
 
 A bundle that cannot be loaded (no checkpoint, a checkpoint of another variant, a broken config) is logged with
@@ -61,14 +75,18 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import strtobool
 
+from lib.activelearning.diverse import DiverseUncertain
 from lib.activelearning.uncertainty import MostUncertain
 from lib.datastore import PromptCheckingDatastore
 from lib.errors import install_request_error_handlers
 from lib.imageio import discard_upload, is_upload
 from lib.infers.text_bundle import TextBundleInferTask
-from lib.params import parse_label_names
+from lib.params import RequestError, parse_label_names, parse_score_name
 from lib.scoring.uncertainty import UncertaintyScoring
 from lib.trainers.text_bundle import TextBundleTrainTask
+from lib.uncertain_segments import parse_threshold
+from lib.web import install_annotation_page
+from vlseg.app_support.infer_queue import install_infer_queue, queue_from_conf
 from vlseg.app_support.upload_limit import DEFAULT_MAX_UPLOAD_BYTES, install_body_size_limit, parse_size
 from vlseg.app_support.bundles import BundleError, checkpoint_path, discover_bundles
 
@@ -102,6 +120,11 @@ class MyApp(MONAILabelApp):
         logger.info("vlseg: bundles in %s: %s (variant %r)", self.bundles_dir, list(self.bundles), self.variant)
         install_request_error_handlers()
         install_body_size_limit(parse_size(conf.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES)))
+        # inference in a bounded worker pool, off the event loop (vlseg/app_support/infer_queue.py)
+        self.infer_queue = queue_from_conf(conf)
+        if self.infer_queue is not None and not install_infer_queue(self.infer_queue):
+            self.infer_queue = None
+        install_annotation_page()  # the 2D annotation page at /vlseg/ (lib/web.py)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -179,6 +202,7 @@ class MyApp(MONAILabelApp):
                     datastore=self.datastore(),
                     uncertainty_tag=self.uncertainty_tag,
                     store_uncertainty=strtobool(self.conf.get("store_uncertainty", "true")),
+                    uncertain_segments=parse_threshold(self.conf.get("uncertain_segments")),
                 )
             except Exception as e:  # one broken bundle must not stop the others
                 logger.exception("vlseg: loading bundle %r failed", name)
@@ -211,7 +235,12 @@ class MyApp(MONAILabelApp):
         return trainers
 
     def init_strategies(self) -> Dict[str, Strategy]:
-        strategies: Dict[str, Strategy] = {"uncertainty": MostUncertain(), "random": Random(), "first": First()}
+        score = self._scoring_score()
+        strategies: Dict[str, Strategy] = {
+            "uncertainty": MostUncertain(score=score), "random": Random(), "first": First(),
+            "diverse": DiverseUncertain(score=score, batch_size=int(self.conf.get("strategy_batch_size", 5)),
+                                        seed=int(self.conf.get("scoring_seed", 0))),
+        }
         # OHIF v3's MONAI Label panel (the build in monailabel 0.8.5) always asks for strategy "random": its
         # strategy selector has no change handler. For DICOMweb studies (the OHIF set-up) "random" therefore
         # serves the chosen strategy (default: the most uncertain image); MONAI Label's random stays available as
@@ -223,8 +252,9 @@ class MyApp(MONAILabelApp):
             alias = "random"
         if alias != "random":
             if alias == "uncertainty":
-                strategies["random"] = MostUncertain(description="Most uncertain unlabelled image (the OHIF v3 panel "
-                                                     "always requests 'random'; MONAI Label's random: 'monai_random')")
+                strategies["random"] = MostUncertain(score=score, description="Most uncertain unlabelled image (the "
+                                                     "OHIF v3 panel always requests 'random'; MONAI Label's random: "
+                                                     "'monai_random')")
             else:
                 strategies["random"] = strategies[alias]
             strategies["monai_random"] = Random()
@@ -247,8 +277,19 @@ class MyApp(MONAILabelApp):
                 prompts=self.conf.get("scoring_prompts", "labels"),
                 max_images=int(self.conf.get("scoring_max_images", 0)),
                 label_names=self.label_names,
+                score=self._scoring_score(),
+                max_workers=int(self.conf.get("scoring_max_workers", 2)),
+                seed=int(self.conf.get("scoring_seed", 0)),
             )
         }
+
+    def _scoring_score(self) -> str:
+        """``--conf scoring_score`` (an image score of vlseg.scores); an unknown name is logged and the default used."""
+        try:
+            return parse_score_name(self.conf, "scoring_score", "top5")
+        except RequestError as e:
+            logger.error("vlseg: %s; using 'top5'", e)
+            return "top5"
 
     # ------------------------------------------------------------------ requests
     def info(self):
@@ -260,6 +301,7 @@ class MyApp(MONAILabelApp):
             "skipped": self.skipped,
             "uncertainty_tag": self.uncertainty_tag,
             "uncertainty_url": f"/datastore/label?label=<image id>&tag={self.uncertainty_tag}",
+            "infer_queue": self.infer_queue.stats() if self.infer_queue is not None else None,
         }
         return i
 

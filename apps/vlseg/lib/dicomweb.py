@@ -36,7 +36,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.datastore import check_label_info
+from lib.datastore import check_label_info, strip_uncertain_label
 from lib.imageio import discard_upload
 from lib.params import RequestError, http_error
 from vlseg.dicom.seg_prompts import prompts_from_seg, seg_label_info, segment_prompts
@@ -196,7 +196,7 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
                    label_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
             try:
-                label_info = check_label_info(label_info, label_tag)
+                label_info = check_label_info(strip_uncertain_label(label_filename, label_info), label_tag)
             except RequestError as e:
                 discard_upload(label_filename)
                 raise http_error(e) from None

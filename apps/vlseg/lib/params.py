@@ -108,17 +108,15 @@ def _label_for_value(label_names: dict[str, int], text: str) -> int:
 
 def resolve_prompts(request: dict, label_names: dict[str, int], default_prompt: str | None,
                     max_chars: int | None = None) -> list[PromptSpec]:
-    """Which prompt(s) to segment, in this order: request ``text`` (free text) -> ``label_prompt`` (OHIF v3 class
-    prompts: label ids, or label names, mapped to the app's label words) -> the task's default prompt.
+    """Which prompt(s) to segment, in this order: a non-empty ``label_prompt`` (OHIF v3 class prompts: label ids, or
+    label names, mapped to the app's label words) -> request ``text`` (free text) -> the task's default prompt.
 
+    ``label_prompt`` comes first because OHIF's panel sends the model's whole config with every request: a ``text``
+    typed once into its Options dialog (or left there) would otherwise silently override every class the user ticks.
+    Free text from OHIF therefore goes through Options -> ``text`` with *Auto-Segmentation* (which sends no classes).
     A free-text prompt that equals an app label name gets that label's id as mask value, any other gets 1; each
     ``label_prompt`` entry gets its own id, so a multi-class request returns one labelled mask.
     """
-    text = request.get("text")
-    if text is not None:
-        cleaned = check_prompt(text, max_chars)
-        return [PromptSpec(cleaned, _label_for_value(label_names, cleaned), "text")]
-
     lp = request.get("label_prompt")
     if lp not in (None, "", []):
         if isinstance(lp, str) and lp.strip().startswith("["):
@@ -147,6 +145,11 @@ def resolve_prompts(request: dict, label_names: dict[str, int], default_prompt: 
             if all(s.value != idx for s in specs):
                 specs.append(PromptSpec(check_prompt(name, max_chars), idx, "label_prompt"))
         return specs
+
+    text = request.get("text")
+    if text is not None:
+        cleaned = check_prompt(text, max_chars)
+        return [PromptSpec(cleaned, _label_for_value(label_names, cleaned), "text")]
 
     if default_prompt is None:
         raise RequestError("no prompt: send params {\"text\": \"...\"} or {\"label_prompt\": [1]}")

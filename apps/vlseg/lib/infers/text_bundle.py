@@ -46,6 +46,7 @@ from monailabel.transform.pre import LoadImageTensord
 
 from lib import imageio
 from lib.infers.outputs import deliver_map, map_tag, write_label, write_map
+from lib.uncertain_segments import OFFSET, add_uncertain_segments, parse_threshold, uncertain_labels
 from lib.params import (
     PromptSpec,
     RequestError,
@@ -72,7 +73,7 @@ __all__ = ["TextBundleInferTask", "Prediction"]
 
 #: Request keys this task reads (others that MONAI Label or the viewers send are passed through unused).
 VLSEG_PARAMS = ("text", "label_prompt", "num_samples", "seed", "axis", "uncertainty_inline", "uncertainty_maps",
-                "result_extension")
+                "result_extension", "uncertain_segments")
 
 
 @dataclass
@@ -137,6 +138,7 @@ class TextBundleInferTask(BundleInferTask):
         datastore=None,
         uncertainty_tag: str = "uncertainty",
         store_uncertainty: bool = True,
+        uncertain_segments: float | None = None,
         **kwargs,
     ):
         self.variant = variant or ""
@@ -149,6 +151,7 @@ class TextBundleInferTask(BundleInferTask):
         self.datastore = datastore
         self.uncertainty_tag = uncertainty_tag
         self.store_uncertainty = bool(store_uncertainty)
+        self.uncertain_segments = uncertain_segments  # threshold of the extra "uncertain" label segments, or None
         self._reversed_axes = True
         # MONAI Label's bundle task re-parses the config and reloads the bundle's ``scripts`` on every call, and the
         # stochastic passes switch dropout modes and seed the global RNG: one call at a time per task (the scoring's
@@ -167,6 +170,8 @@ class TextBundleInferTask(BundleInferTask):
         # viewers (OHIF class prompts) list the app's label words for this model
         if self.label_names:
             self.labels = dict(self.label_names)
+            if self.uncertain_segments is not None:  # viewers create, name and colour these segments too
+                self.labels.update(uncertain_labels(self.label_names))
         if self.type != InferType.SEGMENTATION:
             self.type = InferType.SEGMENTATION
 
@@ -297,7 +302,22 @@ class TextBundleInferTask(BundleInferTask):
             "inline": parse_bool(request, "uncertainty_inline", False),
             "maps": parse_map_names(request, "uncertainty_maps", self.map_keys),
             "result_extension": ext or None,
+            "uncertain_threshold": self._uncertain_threshold(request),
         }
+
+    def _uncertain_threshold(self, request: dict) -> float | None:
+        """Request ``uncertain_segments`` (true / false / a threshold in (0, 1]) over ``--conf uncertain_segments``;
+        ``true`` takes the configured threshold when there is one."""
+        value = request.get("uncertain_segments")
+        if value in (None, ""):
+            return self.uncertain_segments
+        try:
+            threshold = parse_threshold(value)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if threshold is not None and str(value).strip().lower() in ("true", "yes", "on"):
+            return self.uncertain_segments or threshold
+        return threshold
 
     def _run_2d(self, png_path: str, prompt: str, num_samples: int, seed, extra: dict,
                 shape_hw: tuple[int, int], callbacks=None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -430,6 +450,12 @@ class TextBundleInferTask(BundleInferTask):
             "checkpoint": self.checkpoint(),
             "label_names": {p.prompt: p.value for p in params["prompts"]},
         }
+        if params["uncertain_threshold"] is not None:  # drawn in any labelmap viewer (lib.uncertain_segments)
+            pred.mask = add_uncertain_segments(pred.mask, pred.uncertainty, params["uncertain_threshold"])
+            extra = {n: v for n, v in uncertain_labels(info["label_names"]).items() if (pred.mask == v).any()}
+            info["label_names"].update(extra)
+            info["uncertain_segments"] = {"threshold": params["uncertain_threshold"], "segments": extra,
+                                          "pixels": int((pred.mask > OFFSET).sum())}
         label_file = write_label(pred, params)
         info["uncertainty"] = self._deliver(request, "uncertainty", pred.uncertainty, pred, params, info)
         info["maps"] = {name: self._deliver(request, name, pred.maps[name], pred, params, info)
