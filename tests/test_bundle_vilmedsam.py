@@ -251,12 +251,16 @@ def test_sam_weights_resize_position_embeddings(scripts_mod, tmp_path):
     torch.save({f"image_encoder.{k}": v for k, v in big.state_dict().items()}, f)
     small = scripts_mod.build_sam_image_encoder("vit_b", 64, dict(TINY["sam_overrides"], use_rel_pos=True))
     scripts_mod.apply_lora(small, 4)
-    assert scripts_mod.load_sam_encoder_weights(small, str(f), "vit_b")
+    assert scripts_mod.load_sam_weights(small, str(f), "vit_b", require=True)
     assert small.pos_embed.shape[1:3] == (8, 8)
     assert torch.allclose(small.patch_embed.proj.weight, big.patch_embed.proj.weight)
     assert torch.allclose(small.blocks[0].attn.qkv.qkv.weight, big.blocks[0].attn.qkv.weight)
-    # a missing file: random weights, False, no exception
-    assert scripts_mod.load_sam_encoder_weights(small, str(tmp_path / "missing.pth"), "vit_b") is False
+    # a missing file: random weights and False without require_pretrained; the named error with it
+    from vlseg.weights import PretrainedWeightsError
+
+    assert scripts_mod.load_sam_weights(small, str(tmp_path / "missing.pth"), "vit_b", require=False) is False
+    with pytest.raises(PretrainedWeightsError, match="sam_checkpoint"):
+        scripts_mod.load_sam_weights(small, str(tmp_path / "missing.pth"), "vit_b", require=True)
 
 
 # --------------------------------------------------------------------------- M2IB and the refinement
@@ -284,8 +288,7 @@ def test_m2ib_map_concentrates_on_text_aligned_region(scripts_mod):
     region = [5, 6, 9, 10]  # the 2x2 centre of the 4x4 grid
     tokens, text, embed = _aligned_case(region)
     gens = [torch.Generator().manual_seed(1)]
-    cap = scripts_mod.m2ib_capacity(tokens, embed, text, beta=2.0, noise_var=2.0, steps=10, lr=1.0, n_samples=10,
-                                    generators=gens)
+    cap = scripts_mod.m2ib_capacity(tokens, embed, text, beta=2.0, steps=10, lr=1.0, n_samples=1, generators=gens)
     assert cap.shape == tokens.shape and torch.isfinite(cap).all()
     sal = scripts_mod.saliency_from_capacity(cap, (4, 4), num_prefix=1)
     assert sal.shape == (1, 1, 4, 4) and float(sal.min()) == 0.0 and float(sal.max()) == pytest.approx(1.0)
@@ -302,20 +305,62 @@ def test_m2ib_map_concentrates_on_text_aligned_region(scripts_mod):
 
 
 def test_m2ib_capacity_formula_and_alpha_init(scripts_mod):
-    from scripts.m2ib import _capacity
+    from scripts.m2ib import capacity
 
     lam = torch.tensor([0.2, 0.5, 0.9])
     x = torch.tensor([1.0, -2.0, 0.5])
     mu, var = lam * x, (1 - lam) ** 2
     expected = 0.5 * (mu**2 + var - 1 - torch.log(var))  # KL(N(mu, var) || N(0, 1))
-    assert torch.allclose(_capacity(lam, x), expected)
+    assert torch.allclose(capacity(lam, x), expected)
+    var2 = 2.0 * (1 - lam) ** 2  # noise_var 2: sigma^2 (1 - lambda)^2 in the KL, as in the noise
+    assert torch.allclose(capacity(lam, x, 2.0 ** 0.5), 0.5 * (mu**2 + var2 - 1 - torch.log(var2)))
     # 0 steps: lambda = sigmoid(5) everywhere
-    cap0 = scripts_mod.m2ib_capacity(torch.ones(1, 2, 3), lambda z: z.mean(1), torch.ones(1, 3), steps=0)
-    assert torch.allclose(cap0, _capacity(torch.sigmoid(torch.tensor(5.0)).expand(1, 2, 3), torch.ones(1, 2, 3)))
+    for map_from in ("last_forward", "final"):
+        cap0 = scripts_mod.m2ib_capacity(torch.ones(1, 2, 3), lambda z: z.mean(1), torch.ones(1, 3), steps=0,
+                                         map_from=map_from)
+        assert torch.allclose(cap0, capacity(torch.sigmoid(torch.tensor(5.0)).expand(1, 2, 3), torch.ones(1, 2, 3)))
+
+
+def test_m2ib_matches_public_code_noise_samples_and_map_timing(scripts_mod):
+    """Public code: eps ~ N(0, (1 - lambda)^2) (sigma 1), ONE noise sample per Adam step, and the map is the
+    capacity of the LAST forward pass (before the last update). Re-run here step by step with the same noise."""
+    from scripts.m2ib import capacity
+
+    tokens, text, embed = _aligned_case([5, 6])
+    b, n, c = tokens.shape
+    draws = []
+
+    def recording_embed(z):
+        draws.append(z.shape[0])
+        return embed(z)
+
+    out = scripts_mod.m2ib_capacity(tokens, recording_embed, text, steps=3, generators=[torch.Generator().manual_seed(3)])
+    assert draws == [1, 1, 1]  # one sample per step
+    # reference loop (upstream order: forward -> capacity buffer -> loss -> step), same generator stream
+    g = torch.Generator().manual_seed(3)
+    alpha = torch.full((b, n, c), 5.0, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=1.0)
+    t = torch.nn.functional.normalize(text, dim=-1)
+    for _ in range(3):
+        lam = torch.sigmoid(alpha)
+        cap = capacity(lam, tokens)
+        z = lam * tokens + (1 - lam) * torch.randn(1, n, c, generator=g)[0]
+        loss = 2.0 * cap.mean() - torch.nn.functional.cosine_similarity(embed(z), t, dim=-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.allclose(out, cap.detach(), atol=1e-5)  # last forward pass, not the updated mask
+    final = scripts_mod.m2ib_capacity(tokens, embed, text, steps=3, generators=[torch.Generator().manual_seed(3)],
+                                      map_from="final")
+    assert torch.allclose(final, capacity(torch.sigmoid(alpha), tokens).detach(), atol=1e-5)
+    assert not torch.allclose(final, out)
+    with pytest.raises(ValueError, match="map_from"):
+        scripts_mod.m2ib_capacity(tokens, embed, text, map_from="best")
 
 
 def test_m2ib_prompter_cache_and_determinism(scripts_mod, tmp_path):
-    from scripts.m2ib import CLIPTowers, M2IBPrompter, build_clip
+    from scripts.clip import CLIPTowers, build_clip
+    from scripts.m2ib import M2IBPrompter
 
     torch.manual_seed(0)
     model, loaded = build_clip(cfg=TINY["clip_cfg"])
@@ -323,25 +368,28 @@ def test_m2ib_prompter_cache_and_determinism(scripts_mod, tmp_path):
     towers = CLIPTowers(model)
     assert towers.grid == (4, 4) and towers.image_size == (32, 32)
     pr = M2IBPrompter(towers, layer=0, steps=2, n_samples=1, cache_dir=str(tmp_path / "cache"))
-    img = torch.rand(2, 3, 64, 64) * 255
+    pix = towers.preprocess(torch.rand(2, 3, 64, 64) * 255)
     ids, _ = _tokens(["polyp", "cyst"])
-    m1 = pr(img, ids, (8, 8))
-    assert m1.shape == (2, 1, 8, 8) and pr.stats == {"hits": 0, "misses": 2}
-    m2 = pr(img, ids, (8, 8))
+    m1 = pr.grid_saliency(pix, ids)
+    assert m1.shape == (2, 1, 4, 4) and pr.stats == {"hits": 0, "misses": 2}
+    m2 = pr.grid_saliency(pix, ids)
     assert pr.stats["hits"] == 2 and torch.equal(m1, m2)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     # a fresh prompter (new process) reads the on-disk cache; the same image alone gives the same map
     pr2 = M2IBPrompter(towers, layer=0, steps=2, n_samples=1, cache_dir=str(tmp_path / "cache"))
-    assert torch.equal(pr2(img[:1], ids[:1], (8, 8)), m1[:1]) and pr2.stats["hits"] == 1
-    # a different prompt or changed CLIP weights are different keys
-    pr(img[:1], _tokens(["lesion"])[0], (8, 8))
+    assert torch.equal(pr2.grid_saliency(pix[:1], ids[:1]), m1[:1]) and pr2.stats["hits"] == 1
+    # a different prompt, other M2IB settings or changed CLIP weights are different keys
+    pr.grid_saliency(pix[:1], _tokens(["lesion"])[0])
     assert pr.stats["misses"] == 3
+    pr3 = M2IBPrompter(towers, layer=0, steps=2, n_samples=1, map_from="final", cache_dir=str(tmp_path / "cache"))
+    pr3.grid_saliency(pix[:1], ids[:1])
+    assert pr3.stats["misses"] == 1
     with torch.no_grad():
         next(towers.parameters()).add_(0.01)
-    pr(img[:1], ids[:1], (8, 8))
+    pr.grid_saliency(pix[:1], ids[:1])
     assert pr.stats["misses"] == 4
     # noise is seeded per item: recomputation without the cache reproduces the map
-    assert torch.equal(pr(img, ids, (8, 8), use_cache=False), pr(img, ids, (8, 8), use_cache=False))
+    assert torch.equal(pr.grid_saliency(pix, ids, use_cache=False), pr.grid_saliency(pix, ids, use_cache=False))
 
 
 def test_affinity_refinement_spreads_within_similar_features(scripts_mod):
@@ -407,12 +455,14 @@ def test_alignment_loss_trains_clip_and_ignores_empty_masks(scripts_mod):
     out = net(img, ids, mask, align_target=lab)  # item 2 has an empty mask: ignored
     assert set(out) == {"logits", "align_loss"} and torch.isfinite(out["align_loss"])
     # a few AdamW steps on the CLIP parameters alone lower the alignment loss of this batch
+    from scripts.alignment import alignment_loss
+
     opt = torch.optim.AdamW([p for p in net.clip.parameters() if p.requires_grad], lr=1e-2)
     pix = net.clip.preprocess(img)
     ids_ctx = net._text_ids(ids, "cpu")
     losses = []
     for _ in range(6):
-        loss = net.alignment_loss(net.clip.tokens_at(pix, 0), net.clip.encode_text(ids_ctx), ids_ctx, lab)
+        loss = alignment_loss(net, net.clip.tokens_at(pix, 0), net.clip.encode_text(ids_ctx), lab)
         opt.zero_grad()
         loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.clip.parameters())
@@ -420,7 +470,7 @@ def test_alignment_loss_trains_clip_and_ignores_empty_masks(scripts_mod):
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     assert 0.0 <= net.last_alignment_accuracy <= 1.0
-    empty = net.alignment_loss(net.clip.tokens_at(pix, 0), net.clip.encode_text(ids_ctx), ids_ctx, torch.zeros_like(lab))
+    empty = alignment_loss(net, net.clip.tokens_at(pix, 0), net.clip.encode_text(ids_ctx), torch.zeros_like(lab))
     assert float(empty) == 0.0
 
 
@@ -446,7 +496,7 @@ def test_alignment_stage_on_resume_only_freezes_the_clip(scripts_mod):
 
 
 def test_loss_terms_match_hand_computed_values_and_gradients(scripts_mod):
-    from scripts.losses import ViLMedSAMLoss, bce_loss, dice_loss_squared
+    from scripts.losses import ViLMedSAMLoss, bce_loss
 
     z = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]], requires_grad=True)
     y = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
@@ -460,7 +510,7 @@ def test_loss_terms_match_hand_computed_values_and_gradients(scripts_mod):
     # Eq. (12): 1 - 2 sum(p y) / (sum p^2 + sum y^2), MONAI smooth 1e-5
     num, den = (p * y).sum(), (p**2).sum() + (y**2).sum()
     dice_hand = 1 - (2 * num + 1e-5) / (den + 1e-5)
-    d = dice_loss_squared(z, y)
+    d = ViLMedSAMLoss().dice(z, y)
     assert float(d) == pytest.approx(float(dice_hand), rel=1e-6)
     (gd,) = torch.autograd.grad(d, z)
     grad_p = -(2 * y * (den + 1e-5) - (2 * num + 1e-5) * 2 * p) / (den + 1e-5) ** 2
@@ -515,6 +565,17 @@ def test_warmup_cosine_schedule(scripts_mod):
     assert f(0) == pytest.approx(0.2) and f(4) == pytest.approx(1.0)
     assert f(5) == pytest.approx(1.0) and f(100) == pytest.approx(0.0, abs=1e-9)
     assert f(52) == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+    assert scripts_mod.engine.lr_factor("zero", 10, 10, 0.05)(52) == pytest.approx(f(52))
+    # few-shot setting of the public code: CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr), stepped per epoch
+    few = scripts_mod.engine.lr_factor("few", steps_per_epoch=10, epochs=4)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.01)
+    for epoch in range(5):
+        assert few(epoch * 10) == pytest.approx(ref.get_last_lr()[0]) == pytest.approx(few(epoch * 10 + 9))
+        opt.step()
+        ref.step()
+    with pytest.raises(ValueError, match="lr_schedule"):
+        scripts_mod.engine.lr_factor("linear", 10, 4)
 
 
 def test_random_prompt_transform(scripts_mod):
@@ -524,3 +585,117 @@ def test_random_prompt_transform(scripts_mod):
     seen = {t(item)["text"] for _ in range(30)}
     assert seen == set(item["prompts"].values())
     assert scripts_mod.data.RandomPromptd("text", ["p5"])({"text": " polyp  here "})["text"] == "polyp here"
+
+
+# --------------------------------------------------------------------------- configs: weights, resize, M2IB in training
+
+
+def _parser(*names, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / n) for n in names])
+    parser["bundle_root"] = str(BUNDLE)
+    for k, v in overrides.items():
+        parser[k] = v
+    return parser
+
+
+def test_paper_config_without_weights_fails_fast_and_small_builds(scripts_mod, tmp_path):
+    import time
+
+    from vlseg.weights import PretrainedWeightsError
+
+    for names in (("train.json",), ("inference.json",)):
+        parser = _parser(*names, bundle_root=str(tmp_path))
+        t0 = time.perf_counter()
+        with bundle_context(BUNDLE), pytest.raises(Exception) as err:
+            parser.get_parsed_content("network_def")
+        cause = err.value
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        assert isinstance(cause, PretrainedWeightsError)
+        msg = str(cause)
+        assert "`sam_checkpoint`" in msg and "sam_vit_h_4b8939.pth" in msg
+        assert "python -m monai.bundle download_large_files --bundle_path bundles/vilmedsam" in msg
+        assert time.perf_counter() - t0 < 20  # before building the 637 M-parameter ViT-H encoder
+    # with the SAM file present, the missing CLIP file is named next (fail fast, before building either encoder)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sam_vit_h_4b8939.pth").write_bytes(b"")
+    with bundle_context(BUNDLE), pytest.raises(Exception) as err:
+        _parser("train.json", bundle_root=str(tmp_path)).get_parsed_content("network_def")
+    assert "`clip_pretrained`" in str(err.value.__cause__ or err.value) or "clip_pretrained" in repr(err.value)
+    # the small variant (require_pretrained false) still builds, with one warning per encoder
+    with bundle_context(BUNDLE):
+        net = _parser("train.json", "small.json").get_parsed_content("network_def")
+    assert net.mode_info["sam_weights_loaded"] is False and net.mode_info["sam_encoder_trainable"] is True
+
+
+def test_longest_side_resize_pad_and_inversion_on_a_non_square_image(scripts_mod, tmp_path):
+    from monai.transforms import Invertd
+    from PIL import Image
+
+    h, w = 40, 100  # landscape: the long side (width) becomes image_size, the height is padded at the end
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = 200  # left half bright
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    parser = _parser("inference.json", "tiny.json", text="polyp")
+    with bundle_context(BUNDLE):
+        pre = parser.get_parsed_content("preprocessing")
+    d = pre({"image": str(tmp_path / "wide.png"), "text": "polyp"})
+    img = d["image"]  # MONAI's PIL reader: spatial axes (W, H)
+    assert tuple(img.shape) == (3, 64, 64)
+    content = round(64 * h / w)  # 26 rows of the 64 carry the image, aspect kept
+    assert float(img[:, :, content + 1:].abs().sum()) == 0.0  # padding after the image (public code: bottom / right)
+    assert float(img[:, :20, :content - 1].mean()) > 150 and float(img[:, 44:, :content - 1].mean()) < 50
+    # a prediction on the padded square goes back to the original size: crop the pad, resize back
+    d["pred"] = img[:1] / 255.0
+    out = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(d)
+    back = np.asarray(out["pred"])[0]
+    assert back.shape == (w, h)
+    ref = np.asarray(arr[..., 0], np.float32).T / 255.0  # (W, H), same axes as the reader
+    assert np.abs(back - ref)[5:-5].mean() < 0.05  # away from the left/right edge of the step: the same picture
+
+
+def test_m2ib_map_is_computed_before_augmentation_and_cached_in_training(scripts_mod, demo, tmp_path):
+    """Training computes the map on the UN-augmented image (cacheable), then flips / rotates it with the image."""
+    from scripts.augment import M2IBAugmentBatch
+    from monai.transforms import RandFlipd, RandRotate90d
+
+    torch.manual_seed(0)
+    net = scripts_mod.SimpleViLMedSAM(**TINY)
+    img = torch.rand(2, 3, 64, 64) * 255
+    ids, mask = _tokens(["polyp", "cyst"])
+    lab = (torch.rand(2, 1, 64, 64) > 0.5).float()
+    always = [RandFlipd(["image", "label", "m2ib"], prob=1.0, spatial_axis=1, allow_missing_keys=True),
+              RandRotate90d(["image", "label", "m2ib"], prob=1.0, max_k=1, allow_missing_keys=True)]
+    prep = M2IBAugmentBatch(net, always)
+    x, y, args, kw = prep({"image": img, "label": lab, "text_ids": ids, "text_mask": mask}, device="cpu")
+    aug = lambda t: torch.rot90(torch.flip(t, dims=(-1,)), 1, dims=(-2, -1))  # noqa: E731
+    assert torch.allclose(x, aug(img)) and torch.equal(y, aug(lab))
+    raw = net.m2ib_grid_map(img, ids)
+    assert torch.allclose(kw["m2ib_map"], aug(raw))  # the map of the un-augmented image, moved like the image
+    assert net.prompter.stats["hits"] >= 2  # the second call above was a cache hit
+    # flips / rot90 of the grid map commute with the network's bilinear resize to the SAM grid
+    from scripts.m2ib import resize_minmax
+
+    assert torch.allclose(resize_minmax(aug(raw), (8, 8)), aug(resize_minmax(raw, (8, 8))), atol=1e-6)
+    net.train()
+    out = net(x, kw["text_ids"], kw["text_mask"], m2ib_map=kw["m2ib_map"])["logits"]
+    assert out.shape == (2, 1, 64, 64)
+
+    # the real training config: epoch 2 hits the cache for every item of epoch 1
+    parser = _parser("train.json", "tiny.json", datalist=str(demo), ckpt_dir=str(tmp_path / "models"),
+                     output_dir=str(tmp_path / "runs"), max_epochs=2, val_interval=100, train_prompt_keys=None,
+                     train_encoders=False)
+    with bundle_context(BUNDLE):
+        trainer = parser.get_parsed_content("train#trainer")
+        cfg_net = parser.get_parsed_content("network_def")
+        n_items = len(parser.get_parsed_content("train#data"))
+        loader = parser.get_parsed_content("train#dataloader")
+        seen = 2 * len(loader) * loader.batch_size  # items the two epochs draw (drop_last)
+        trainer.run()
+    stats = cfg_net.prompter.stats
+    assert stats["hits"] + stats["misses"] == seen
+    assert 0 < stats["misses"] <= n_items  # every (image, prompt) computed at most once: epoch 2 hits the cache
+    assert stats["hits"] >= seen - n_items

@@ -1,7 +1,8 @@
 """Library code changes no process-wide state: building every bundle's network and tokenizer leaves the
 environment variables and the root logger as they were.
 
-Runs in a fresh interpreter WITHOUT ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` (a user with internet has
+Third-party libraries that set variables at import time are imported before the snapshot. Runs in a fresh
+interpreter WITHOUT ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` (a user with internet has
 neither), so a library that sets them for the whole process is caught.
 """
 
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _PROBE = r"""
 import json, logging, os, sys
 from pathlib import Path
+# third-party libraries that set variables when they are imported (MONAI: CUBLAS_WORKSPACE_CONFIG, open_clip:
+# TOKENIZERS_PARALLELISM): imported first, so that only what vlseg does is measured
+import monai, monai.bundle, open_clip, open_clip.tokenizer, segment_anything, timm, transformers
 root = logging.getLogger()
 before_env = dict(os.environ)
 before_root = (list(root.filters), list(root.handlers), root.level)

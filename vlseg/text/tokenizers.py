@@ -52,11 +52,21 @@ class TextTokenizer:
         elif spec.startswith("hf:"):
             from transformers import AutoTokenizer
 
-            self._hf = AutoTokenizer.from_pretrained(spec[3:])
+            source = spec[3:]
+            # a Hub id is "name" or "org/name"; an absolute, relative or deeper path is a local folder
+            looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).exists()
+            if looks_local and not Path(source).expanduser().is_dir():
+                raise FileNotFoundError(f"tokenizer {spec!r}: folder {source} not found (it should hold the text "
+                                        f"encoder's vocab.txt / tokenizer.json; fetch it with the bundle's "
+                                        f"`python -m monai.bundle download_large_files`)")
+            self._hf = AutoTokenizer.from_pretrained(str(Path(source).expanduser()) if looks_local else source)
         elif spec.startswith("open_clip:"):
             import open_clip
 
-            self._clip = open_clip.get_tokenizer(spec[len("open_clip:"):], context_length=self.max_length)
+            from vlseg.compat.root_logging import root_logging_untouched
+
+            with root_logging_untouched():  # open_clip logs through the root logger (basicConfig otherwise)
+                self._clip = open_clip.get_tokenizer(spec[len("open_clip:"):], context_length=self.max_length)
         else:
             raise ValueError(f"unknown tokenizer spec {spec!r} (use minilm, cxr-bert, hf:<path>, open_clip:<model>)")
 

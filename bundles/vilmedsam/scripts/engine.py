@@ -15,7 +15,7 @@ from monai.utils.enums import CommonKeys as Keys
 from vlseg.engine_handlers import attach_full_state as attach_full_state_shared
 from vlseg.inferers import logits_of
 
-__all__ = ["AccumulationIteration", "WarmupCosine", "set_threads", "attach_full_state"]
+__all__ = ["AccumulationIteration", "WarmupCosine", "EpochCosine", "lr_factor", "set_threads", "attach_full_state"]
 
 
 class AccumulationIteration:
@@ -82,12 +82,36 @@ class WarmupCosine:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class EpochCosine:
+    """``LambdaLR`` factor of the public code's few-shot schedule: ``CosineAnnealingLR(T_max=epochs, eta_min=0.01 x
+    the decoder lr)`` stepped once per epoch, here evaluated per iteration from the epoch index (same values).
+    The floor is ``min_factor`` of each group's own lr (upstream: 0.01 x the decoder lr for both groups)."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, min_factor: float = 0.01):
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.epochs = max(1, int(epochs))
+        self.min_factor = float(min_factor)
+
+    def __call__(self, step: int) -> float:
+        epoch = min(self.epochs, step // self.steps_per_epoch)
+        return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+
+
+def lr_factor(schedule: str, steps_per_epoch: int, epochs: int, warmup_fraction: float = 0.05):
+    """The config's ``lr_schedule``: ``"zero"`` (zero-shot setting of the public code: per-step cosine with
+    ``warmup_fraction`` linear warm-up, :class:`WarmupCosine`) or ``"few"`` (few-shot setting, :class:`EpochCosine`)."""
+    if schedule == "zero":
+        return WarmupCosine(int(steps_per_epoch) * int(epochs), warmup_fraction)
+    if schedule == "few":
+        return EpochCosine(steps_per_epoch, epochs)
+    raise ValueError(f"lr_schedule must be 'zero' or 'few', got {schedule!r}")
+
+
 def set_threads(n: int | None) -> int:
     """Optionally fix the number of intra-op CPU threads (``num_threads`` config key); returns the count in use."""
     if n:
         torch.set_num_threads(int(n))
     return torch.get_num_threads()
-
 
 
 def attach_full_state(trainer, save_dir, objects: dict, resume: str | None = None, device=None) -> None:

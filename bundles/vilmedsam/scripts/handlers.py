@@ -21,6 +21,8 @@ import torch
 from vlseg import engine_handlers
 from vlseg.engine_handlers import budget_clock, dist_any
 
+from .alignment import alignment_loss
+
 logger = logging.getLogger("vlseg.vilmedsam")
 
 __all__ = ["TrainingReport", "EvalReport", "CLIPAlignmentStage"]
@@ -57,8 +59,8 @@ class CLIPAlignmentStage:
 
     The paper relies on a pretrained (BiomedCLIP) CLIP whose image-text alignment makes the M2IB map point at the
     named object; a random CLIP has none. On ``Events.STARTED`` this handler runs the training data loader through
-    ``SimpleViLMedSAM.alignment_loss`` (region-text InfoNCE at the bottleneck layer, using the training masks),
-    optimising only the CLIP parameters with AdamW, for ``max_seconds`` (on ``clock``: ``wall`` or ``process`` CPU
+    :func:`scripts.alignment.alignment_loss` (dense patch-text BCE, bottleneck margin and attribution terms at the
+    M2IB layer, using the training masks), optimising only the CLIP and alignment-head parameters with AdamW, for ``max_seconds`` (on ``clock``: ``wall`` or ``process`` CPU
     seconds, as :class:`vlseg.engine_handlers.StopAfterSeconds`) and/or ``max_iterations``. Then
     the CLIP towers are frozen, so the main training is the paper's (CLIP frozen, M2IB maps cacheable).
     Under torch.distributed the CLIP gradients are averaged over ranks and the stop decision is shared.
@@ -89,6 +91,8 @@ class CLIPAlignmentStage:
     def run(self, engine=None) -> dict:
         net = _unwrap(self.network)
         params = [p for p in net.clip.parameters() if p.requires_grad]
+        if params and net.align_head is not None:
+            params += [p for p in net.align_head.parameters() if p.requires_grad]
         if not params or (self.max_seconds <= 0 and self.max_iterations <= 0):
             return {}
         if self.resume:
@@ -114,7 +118,7 @@ class CLIPAlignmentStage:
                 pix = net.clip.preprocess(img)
                 tokens = net.clip.tokens_at(pix, net.prompter.layer)
                 text_emb = net.clip.encode_text(ids)
-                loss = net.alignment_loss(tokens, text_emb, ids, lab)
+                loss = alignment_loss(net, tokens, text_emb, lab)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if dist:
@@ -148,4 +152,7 @@ class CLIPAlignmentStage:
     def _freeze(net) -> None:
         for p in net.clip.parameters():
             p.requires_grad_(False)
+        if net.align_head is not None:
+            for p in net.align_head.parameters():
+                p.requires_grad_(False)
         net.mode_info["clip_trainable"] = False

@@ -6,7 +6,7 @@ and ``L_dice = 1 - 2 sum x_i y_i / (sum x_i^2 + sum y_i^2)`` (squared-denominato
 over the batch), as MONAI's ``DiceLoss(sigmoid=True, squared_pred=True)`` + ``BCEWithLogitsLoss`` in the public code.
 
 This project adds ``align_weight * align_loss`` when the network returns one (only while CLIP trains from
-scratch in the small / tiny variants; see ``SimpleViLMedSAM.alignment_loss``).
+scratch in the small / tiny variants; see :mod:`scripts.alignment`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,7 @@ from torch import nn
 
 from vlseg.inferers import logits_of
 
-__all__ = ["ViLMedSAMLoss", "dice_loss_squared", "bce_loss"]
-
-
-def dice_loss_squared(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Paper Eq. (12) (MONAI ``DiceLoss(sigmoid=True, squared_pred=True)``, smooth 1e-5 in numerator and
-    denominator), per image then averaged."""
-    return DiceLoss(sigmoid=True, squared_pred=True)(logits, target)
+__all__ = ["ViLMedSAMLoss", "bce_loss"]
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -32,7 +26,8 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class ViLMedSAMLoss(nn.Module):
-    """Paper Eq. (10): ``bce_weight * L_ce + dice_weight * L_dice (+ align_weight * align_loss)``."""
+    """Paper Eq. (10): ``bce_weight * L_ce + dice_weight * L_dice (+ align_weight * align_loss)``; ``self.dice`` is
+    Eq. (12) (MONAI ``DiceLoss(sigmoid=True, squared_pred=True)``, smooth 1e-5, per image then averaged)."""
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, align_weight: float = 0.0):
         super().__init__()

@@ -1,9 +1,15 @@
-"""CLIP towers (open_clip) and the M2IB attribution map of the Implicit Position Prompter.
+"""The M2IB attribution map of the Implicit Position Prompter (the CLIP towers are in :mod:`scripts.clip`).
 
-Paper Eq. (1a, 1b): ``F_T = Psi_text(T)``, ``F_IC = Psi_img(I)`` (CLIP text / image encoders, 224 input).
 Paper Eq. (2): ``max MI(Z_IC, F_T) - beta MI(Z_IC, I)``, optimised per image through the variational bound
 ``beta * KL(N(lambda x, (1 - lambda)^2) || N(0, 1)) - cos(F_T, Psi_img(Z_IC))`` (M2IB, Wang et al. 2023).
 Paper Eq. (3): ``Z_IC = h(I; alpha) * F^l_IC + sigma (1 - h(I; alpha)) * eps``, ``h = sigmoid(alpha)``.
+
+The public code (M2IB's ``InformationBottleneck``, used as is) draws ``eps`` with standard deviation ``1 - h``: its
+``vvar`` (noise variance 2) only reaches an estimator the bottleneck never reads, so ``sigma = 1``. It takes ONE
+noise sample per Adam step (batch size 1; M2IB's own default is 10) and builds the map from the capacity of the LAST
+forward pass (before the last Adam update). These are the defaults here (``noise_var None``, ``n_samples 1``,
+``map_from "last_forward"``); ``noise_var`` (a number: ``sigma = sqrt(noise_var)``, used consistently in the noise
+AND the KL term), more samples and ``map_from "final"`` (capacity after all updates) are documented options.
 
 :func:`m2ib_capacity` is the per-image optimisation (10 Adam steps at lr 1, alpha initialised to 5),
 :func:`saliency_from_capacity` turns the capacity into the initial attribution map ``A_init`` (channels summed,
@@ -22,164 +28,44 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .clip import CLIPTowers
 
 logger = logging.getLogger("vlseg.vilmedsam")
 
-__all__ = ["CLIPTowers", "m2ib_capacity", "saliency_from_capacity", "M2IBPrompter", "build_clip"]
+__all__ = ["m2ib_capacity", "capacity", "saliency_from_capacity", "resize_minmax", "M2IBPrompter", "MAP_FROM"]
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_HINT = (
-    "BiomedCLIP (the paper's CLIP): download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 "
-    "(open_clip_config.json, open_clip_pytorch_model.bin and the text tokenizer files) into a folder and set "
-    "clip_model 'local-dir:<folder>'; an OpenAI-style checkpoint for clip_model 'ViT-B-16' is any local open_clip "
-    ".bin/.pt file given as clip_pretrained (see large_files.yml)."
-)
-
-
-def build_clip(model_name: str = "ViT-B-16", pretrained: str | None = None, cfg: dict | None = None):
-    """Build an open_clip model OFFLINE. Returns ``(model, loaded)``.
-
-    ``cfg`` (a dict with ``embed_dim``, ``vision_cfg``, ``text_cfg``) builds a custom :class:`open_clip.CLIP`
-    (the small / tiny variants). Otherwise ``model_name`` is an open_clip architecture name or
-    ``local-dir:<folder>`` (BiomedCLIP); ``pretrained`` a local weights file. Missing weights -> one warning.
-    """
-    import open_clip
-
-    if cfg is not None:
-        model = open_clip.CLIP(embed_dim=int(cfg["embed_dim"]), vision_cfg=dict(cfg["vision_cfg"]),
-                               text_cfg=dict(cfg["text_cfg"]))
-        loaded = False
-        if pretrained and Path(pretrained).is_file():
-            state = torch.load(str(pretrained), map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state))
-            loaded = True
-        elif pretrained:
-            logger.warning("CLIP: weights file %r not found -> RANDOM weights. %s", pretrained, CLIP_HINT)
-        return model, loaded
-    if model_name.startswith("local-dir:"):
-        if not Path(model_name[len("local-dir:"):]).is_dir():
-            raise FileNotFoundError(f"CLIP folder {model_name} not found. {CLIP_HINT}")
-        model = open_clip.create_model(model_name, pretrained=model_name, load_weights=True)
-        return model, True
-    if pretrained and Path(pretrained).is_file():
-        return open_clip.create_model(model_name, pretrained=str(pretrained), pretrained_text=False), True
-    logger.warning("CLIP %s: weights file %r not found -> RANDOM weights. %s", model_name, pretrained, CLIP_HINT)
-    return open_clip.create_model(model_name, pretrained=None), False
-
-
-class CLIPTowers(nn.Module):
-    """Uniform access to an open_clip model for M2IB: text embedding, vision tokens after block ``l`` and the
-    image embedding computed from (possibly bottlenecked) tokens at that layer.
-
-    Supports open_clip's own ``VisionTransformer`` (OpenAI-style CLIP) and ``TimmModel`` towers (BiomedCLIP).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        visual = model.visual
-        if hasattr(visual, "transformer") and hasattr(visual, "_embeds"):
-            self.kind = "open_clip"
-            self.blocks = visual.transformer.resblocks
-            self.num_prefix = 1
-            grid = visual.grid_size
-        elif hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):
-            self.kind = "timm"
-            self.blocks = visual.trunk.blocks
-            self.num_prefix = int(getattr(visual.trunk, "num_prefix_tokens", 1))
-            grid = visual.trunk.patch_embed.grid_size
-        else:
-            raise TypeError(f"unsupported CLIP vision tower {type(visual).__name__}")
-        self.grid = (int(grid[0]), int(grid[1]))
-        size = getattr(visual, "image_size", None) or (self.grid[0] * 16, self.grid[1] * 16)
-        self.image_size = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        cfg = getattr(visual, "preprocess_cfg", None) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_STD)).view(1, 3, 1, 1), persistent=False)
-        # scale / bias of the per-patch text logits of the auxiliary alignment loss (small / tiny variants only)
-        self.align_scale = nn.Parameter(torch.tensor(10.0))
-        self.align_bias = nn.Parameter(torch.tensor(-2.0))
-
-    @property
-    def depth(self) -> int:
-        return len(self.blocks)
-
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in 0..255 -> CLIP input (resized to the tower's size, normalised)."""
-        x = image.float() / 255.0
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
-        return (x - self.mean) / self.std
-
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(ids)
-
-    def tokens_at(self, pix: torch.Tensor, layer: int) -> torch.Tensor:
-        """Token states ``[B, N, C]`` after vision block ``layer`` (0-based; the bottleneck sits there)."""
-        v = self.model.visual
-        if self.kind == "open_clip":
-            x = v._embeds(pix)
-        else:
-            t = v.trunk
-            x = t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(pix))))
-        for blk in self.blocks[: layer + 1]:
-            x = blk(x)
-        return x
-
-    def embed_from(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Image embedding ``[B, D]`` from token states after block ``layer`` (the rest of the tower + head)."""
-        v = self.model.visual
-        for blk in self.blocks[layer + 1:]:
-            x = blk(x)
-        if self.kind == "open_clip":
-            pooled, _ = v._pool(x)
-            return pooled @ v.proj if v.proj is not None else pooled
-        t = v.trunk
-        return v.head(t.forward_head(t.norm(x)))
-
-    def patch_embeddings(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Per-patch embeddings ``[B, gh * gw, D]`` in the joint space, from token states after block ``layer``
-        (the rest of the tower, the final norm and the projection applied to every patch token)."""
-        v = self.model.visual
-        for blk in self.blocks[layer + 1:]:
-            x = blk(x)
-        x = x[:, self.num_prefix:]
-        if self.kind == "open_clip":
-            x = v.ln_post(x)
-            return x @ v.proj if v.proj is not None else x
-        return v.head(v.trunk.norm(x))
-
-    def logit_scale(self) -> torch.Tensor:
-        ls = getattr(self.model, "logit_scale", None)
-        return ls.exp().clamp(max=100.0) if ls is not None else torch.tensor(10.0)
-
+MAP_FROM = ("last_forward", "final")
 
 def m2ib_capacity(tokens: torch.Tensor, embed_fn: Callable[[torch.Tensor], torch.Tensor], text_emb: torch.Tensor,
-                  beta: float = 2.0, noise_var: float = 2.0, steps: int = 10, lr: float = 1.0, n_samples: int = 10,
-                  alpha_init: float = 5.0, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+                  beta: float = 2.0, noise_var: float | None = None, steps: int = 10, lr: float = 1.0,
+                  n_samples: int = 1, alpha_init: float = 5.0, map_from: str = "last_forward",
+                  generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Paper Eq. (2)-(3), M2IB: per-image information bottleneck on the token states ``tokens [B, N, C]``.
 
     For each image a mask ``lambda = sigmoid(alpha)`` (one value per token and channel, ``alpha`` initialised to
     ``alpha_init``) is optimised with Adam (``steps`` steps, learning rate ``lr``) to minimise
-    ``beta * mean KL(N(lambda x, (1 - lambda)^2) || N(0, 1)) - mean cos(text_emb, embed_fn(z))``, with
-    ``z = lambda x + (1 - lambda) sqrt(noise_var) eps`` drawn ``n_samples`` times per step. Images are optimised
-    jointly but independently (each image's loss only reaches its own ``alpha``; Adam is element-wise).
-    Only ``alpha`` receives gradients (the encoders are left untouched). Returns the per-element capacity
-    ``[B, N, C]`` of the final mask (no gradient).
+    ``beta * mean KL(N(lambda x, sigma^2 (1 - lambda)^2) || N(0, 1)) - mean cos(text_emb, embed_fn(z))``, with
+    ``z = lambda x + sigma (1 - lambda) eps`` drawn ``n_samples`` times per step and ``sigma = sqrt(noise_var)``
+    (``noise_var None``: ``sigma = 1``, the public code). Images are optimised jointly but independently (each
+    image's loss only reaches its own ``alpha``; Adam is element-wise). Only ``alpha`` receives gradients.
+    Returns the per-element capacity ``[B, N, C]`` (no gradient) of the last forward pass (``map_from
+    "last_forward"``, the public code) or of the mask after the last update (``"final"``).
     """
+    if map_from not in MAP_FROM:
+        raise ValueError(f"m2ib map_from must be one of {MAP_FROM}, got {map_from!r}")
     b, n, c = tokens.shape
     x = tokens.detach().float()
     t = F.normalize(text_emb.detach().float(), dim=-1)
-    sigma = float(noise_var) ** 0.5
+    sigma = 1.0 if noise_var is None else float(noise_var) ** 0.5
     alpha = torch.full((b, n, c), float(alpha_init), device=x.device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=lr)
     s = max(1, int(n_samples))
+    cap = None
     with torch.enable_grad():
         for _ in range(int(steps)):
             lam = torch.sigmoid(alpha)
-            cap = _capacity(lam, x)
+            cap = capacity(lam, x, sigma)
             if generators is None:
                 eps = torch.randn(b, s, n, c, device=x.device)
             else:
@@ -193,24 +79,27 @@ def m2ib_capacity(tokens: torch.Tensor, embed_fn: Callable[[torch.Tensor], torch
             alpha.grad = grad
             opt.step()
     with torch.no_grad():
-        return _capacity(torch.sigmoid(alpha), x)
+        if map_from == "last_forward" and cap is not None:
+            return cap.detach()
+        return capacity(torch.sigmoid(alpha), x, sigma)
 
 
-def _capacity(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Element-wise KL(N(lambda x, (1 - lambda)^2) || N(0, 1)) = 0.5 (mu^2 + var - 1 - log var)."""
-    var = (1.0 - lam).pow(2).clamp_min(1e-12)
+def capacity(lam: torch.Tensor, x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Paper Eq. (2), compression term: element-wise ``KL(N(lambda x, sigma^2 (1 - lambda)^2) || N(0, 1)) =
+    0.5 (mu^2 + var - 1 - log var)``."""
+    var = (sigma * (1.0 - lam)).pow(2).clamp_min(1e-12)
     mu = lam * x
     return 0.5 * (mu.pow(2) + var - 1.0 - torch.log(var))
 
 
-def saliency_from_capacity(capacity: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1,
+def saliency_from_capacity(cap: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1,
                            out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Capacity ``[B, N, C]`` -> attribution map ``[B, 1, h, w]`` in [0, 1].
 
     Sum over channels, drop the class (prefix) token(s), reshape to the patch ``grid``, resize bilinearly to
     ``out_size`` and min-max normalise per image (a flat map becomes all zeros).
     """
-    sal = torch.nan_to_num(capacity.float(), nan=0.0, posinf=0.0).sum(dim=-1)[:, num_prefix:]
+    sal = torch.nan_to_num(cap.float(), nan=0.0, posinf=0.0).sum(dim=-1)[:, num_prefix:]
     sal = sal.reshape(sal.shape[0], 1, grid[0], grid[1])
     if out_size is not None and tuple(out_size) != tuple(grid):
         sal = F.interpolate(sal, size=tuple(out_size), mode="bilinear", align_corners=False)
@@ -219,29 +108,34 @@ def saliency_from_capacity(capacity: torch.Tensor, grid: tuple[int, int], num_pr
     return (sal - lo) / (hi - lo).clamp_min(1e-8)
 
 
-class M2IBPrompter(nn.Module):
-    """Initial attribution map ``A_init`` from CLIP + M2IB, with caching.
+class M2IBPrompter:
+    """Initial attribution map ``A_init`` from CLIP + M2IB, with caching. A plain object, not a module: it holds no
+    tensors of its own, and the CLIP it uses belongs to the network (one copy in the state dict).
 
     Args:
         clip: :class:`CLIPTowers`.
         layer: vision block after which the bottleneck sits (7 upstream, 0-based like the public code).
-        beta, noise_var, steps, lr, n_samples, alpha_init: M2IB settings (upstream 2, 2, 10, 1, 10, 5).
+        beta, noise_var, steps, lr, n_samples, alpha_init, map_from: M2IB settings (public code: 2, None, 10, 1,
+            1, 5, "last_forward"; see :func:`m2ib_capacity`).
         cache_size: entries of the in-memory LRU cache (0 disables it).
         cache_dir: optional folder for an on-disk cache (one small ``.pt`` per map).
         seed: seeds the per-image noise (derived from the cache key), so a map does not depend on the batch
             it is computed in, nor on the global random state.
     """
 
-    def __init__(self, clip: CLIPTowers, layer: int = 7, beta: float = 2.0, noise_var: float = 2.0, steps: int = 10,
-                 lr: float = 1.0, n_samples: int = 10, alpha_init: float = 5.0, cache_size: int = 4096,
+    def __init__(self, clip: CLIPTowers, layer: int = 7, beta: float = 2.0, noise_var: float | None = None,
+                 steps: int = 10, lr: float = 1.0, n_samples: int = 1, alpha_init: float = 5.0,
+                 map_from: str = "last_forward", cache_size: int = 4096,
                  cache_dir: str | None = None, seed: int = 0):
-        super().__init__()
         if not 0 <= int(layer) < clip.depth:
             raise ValueError(f"m2ib layer {layer} outside the CLIP vision tower (depth {clip.depth})")
         self.clip = clip
         self.layer = int(layer)
-        self.settings = dict(beta=float(beta), noise_var=float(noise_var), steps=int(steps), lr=float(lr),
-                             n_samples=int(n_samples), alpha_init=float(alpha_init))
+        if map_from not in MAP_FROM:
+            raise ValueError(f"m2ib map_from must be one of {MAP_FROM}, got {map_from!r}")
+        self.settings = dict(beta=float(beta), noise_var=None if noise_var is None else float(noise_var),
+                             steps=int(steps), lr=float(lr), n_samples=int(n_samples), alpha_init=float(alpha_init),
+                             map_from=str(map_from))
         self.cache_size = int(cache_size)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = int(seed)
@@ -268,7 +162,7 @@ class M2IBPrompter(nn.Module):
 
     def _keys(self, pix: torch.Tensor, ids: torch.Tensor) -> list[str]:
         fp = self.clip_fingerprint()
-        conf = repr((self.layer, sorted(self.settings.items()), self.seed, tuple(pix.shape[1:])))
+        conf = repr((self.layer, sorted(self.settings.items(), key=lambda kv: kv[0]), self.seed, tuple(pix.shape[1:])))
         keys = []
         for i in range(pix.shape[0]):
             h = hashlib.sha1()
@@ -345,15 +239,9 @@ class M2IBPrompter(nn.Module):
                     self._put(keys[i], sal[j])
         return torch.stack([o for o in out]).to(pix.device)
 
-    def forward(self, image: torch.Tensor, ids: torch.Tensor, out_size: tuple[int, int],
-                use_cache: bool = True) -> torch.Tensor:
-        """``image [B, 3, H, W]`` (0..255) + prompt token ids -> ``A_init [B, 1, *out_size]`` in [0, 1]."""
-        pix = self.clip.preprocess(image)
-        grid_map = self.grid_saliency(pix, ids, use_cache=use_cache)
-        return _resize_minmax(grid_map, out_size)
 
-
-def _resize_minmax(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_minmax(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``A_init`` at the SAM feature grid: bilinear resize of a ``[B, 1, h, w]`` map, min-max normalised per image."""
     if tuple(m.shape[-2:]) != tuple(size):
         m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
     lo = m.amin(dim=(2, 3), keepdim=True)

@@ -4,7 +4,10 @@ Calling convention (project-wide)::
 
     logits = net(image, text_ids, text_mask)      # image [B, 3, H, W] in 0..255, ids/mask [B, L] -> [B, 1, H, W]
 
-In training mode the network returns ``{"logits": ..., "align_loss": ...}`` (see :meth:`alignment_loss`).
+In training mode the network returns ``{"logits": ..., "align_loss": ...}`` (``align_loss`` only in the small / tiny
+variants, see :mod:`scripts.alignment`). ``m2ib_map`` (``[B, 1, gh, gw]``, optional) is a precomputed M2IB map at the
+CLIP grid: training computes it on the UN-augmented image and transforms it with the image
+(:class:`scripts.augment.M2IBAugmentBatch`), so it is cached across epochs.
 ``sample_probabilities`` runs the encoders and the M2IB map once and the decoder ``num_samples`` times with
 Monte-Carlo dropout (the paper has no uncertainty; the dropout layers are this project's addition).
 """
@@ -12,6 +15,7 @@ Monte-Carlo dropout (the paper has no uncertainty; the dropout layers are this p
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,29 +23,40 @@ from torch import nn
 from vlseg.inferers import mc_dropout
 from vlseg.nets.common import as_token_tensor, count_parameters, freeze, trainable_parameters
 
+from vlseg.weights import missing_weights
+
+from .alignment import AlignmentHead, alignment_loss
+from .checkpointing import PretrainedAwareState
+from .clip import CLIPTowers, build_clip, check_clip_tokenizer, required_clip_files
 from .decoder import BidirectionalInteractionDecoder, affinity_refine
-from .m2ib import CLIPTowers, M2IBPrompter, _resize_minmax, build_clip
-from .sam_encoder import SAM_PIXEL_MEAN, SAM_PIXEL_STD, LoRAQV, apply_lora, build_sam_image_encoder, load_sam_encoder_weights
+from .m2ib import M2IBPrompter, resize_minmax
+from .sam_encoder import (SAM_PIXEL_MEAN, SAM_PIXEL_STD, LoRAQV, apply_lora, build_sam_image_encoder, load_sam_weights,
+                          sam_weights_target)
 
 logger = logging.getLogger("vlseg.vilmedsam")
 
 __all__ = ["SimpleViLMedSAM"]
 
 
-class SimpleViLMedSAM(nn.Module):
+class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
     """See the module docstring and ``docs/README.md``.
 
     Args:
         sam_variant: ``vit_b`` | ``vit_l`` | ``vit_h`` (paper: ``vit_h``).
-        sam_checkpoint: local official SAM checkpoint (``sam_vit_h_4b8939.pth`` ...); missing -> random + warning.
+        sam_checkpoint: local official SAM checkpoint (``sam_vit_h_4b8939.pth`` ...), loaded strictly.
+        require_pretrained: a missing or non-fitting SAM / CLIP weights file stops the build
+            (:class:`vlseg.weights.PretrainedWeightsError`); ``False``: one warning each and random weights.
         sam_image_size: SAM input side (paper 1024 -> 64 x 64 features).
         sam_overrides: ``ImageEncoderViT`` arguments replacing the preset's (small / tiny variants).
         lora_rank: LoRA rank on q and v of every block (paper 4); 0 disables LoRA.
-        clip_model / clip_pretrained / clip_cfg: see :func:`scripts.m2ib.build_clip`.
-        m2ib_*: M2IB settings (layer 7, beta 2, noise variance 2, 10 Adam steps at lr 1, 10 noise samples).
+        clip_model / clip_pretrained / clip_cfg / clip_config / clip_text_config: see :func:`scripts.clip.build_clip`.
+        tokenizer: the config's tokenizer spec, checked against the CLIP text tower (None: not checked).
+        m2ib_*: M2IB settings (public code: layer 7, beta 2, sigma 1, 10 Adam steps at lr 1, 1 noise sample per
+            step, map from the last forward pass; see :func:`scripts.m2ib.m2ib_capacity`).
         m2ib_cache_size / m2ib_cache_dir: in-memory LRU size and optional on-disk cache folder.
         affinity_scale / affinity_mean_factor: 3.0 and 1.2 of the refinement (public code).
-        decoder_heads / decoder_mlp_dim / attention_downsample / decoder_mode: BID settings (8, 2048, 2, paper).
+        decoder_heads / decoder_mlp_dim / attention_downsample / decoder_mode: BID settings (8, 2048, 2, ``code``:
+            the public code that produced the published numbers; ``paper``: the paper's Eq. 7-8).
         dropout: decoder dropout probability (MC-dropout uncertainty; not in the paper).
         train_encoders: ``False`` (paper: SAM frozen except LoRA, CLIP frozen), ``True`` (both trainable) or
             ``"auto"`` (an encoder whose pretrained weights were NOT loaded becomes trainable).
@@ -49,34 +64,43 @@ class SimpleViLMedSAM(nn.Module):
     """
 
     def __init__(self, sam_variant: str = "vit_h", sam_checkpoint: str | None = None, sam_image_size: int = 1024,
-                 sam_overrides: dict | None = None, lora_rank: int = 4,
-                 clip_model: str = "ViT-B-16", clip_pretrained: str | None = None, clip_cfg: dict | None = None,
-                 m2ib_layer: int = 7, m2ib_beta: float = 2.0, m2ib_noise_var: float = 2.0, m2ib_steps: int = 10,
-                 m2ib_lr: float = 1.0, m2ib_samples: int = 10, m2ib_cache_size: int = 4096,
-                 m2ib_cache_dir: str | None = None, affinity_scale: float = 3.0, affinity_mean_factor: float = 1.2,
-                 decoder_heads: int = 8, decoder_mlp_dim: int = 2048, attention_downsample: int = 2,
-                 decoder_mode: str = "paper", dropout: float = 0.1, train_encoders: bool | str = False,
-                 align: bool = False):
+                 sam_overrides: dict | None = None, lora_rank: int = 4, clip_model: str = "ViT-B-16-quickgelu",
+                 clip_pretrained: str | None = None, clip_cfg: dict | None = None, clip_config: str | None = None,
+                 clip_text_config: str | None = None, tokenizer: str | None = None, require_pretrained: bool = False,
+                 m2ib_layer: int = 7, m2ib_beta: float = 2.0, m2ib_noise_var: float | None = None,
+                 m2ib_steps: int = 10, m2ib_lr: float = 1.0, m2ib_samples: int = 1, m2ib_map_from: str = "last_forward",
+                 m2ib_cache_size: int = 4096, m2ib_cache_dir: str | None = None, affinity_scale: float = 3.0,
+                 affinity_mean_factor: float = 1.2, decoder_heads: int = 8, decoder_mlp_dim: int = 2048,
+                 attention_downsample: int = 2, decoder_mode: str = "code", dropout: float = 0.1,
+                 train_encoders: bool | str = False, align: bool = False):
         super().__init__()
         if train_encoders not in (True, False, "auto"):
             raise ValueError(f"train_encoders must be true, false or 'auto', got {train_encoders!r}")
+        require = bool(require_pretrained)
+        if require:  # fail fast, before building a 600 M-parameter encoder
+            clip_files = required_clip_files(clip_model, clip_pretrained, clip_config, clip_text_config)
+            for path, target in [(sam_checkpoint, sam_weights_target(sam_variant))] + clip_files:
+                if not path or not Path(str(path)).exists():
+                    missing_weights(path, target, require=True)
         # --- SAM image encoder (Eq. 1c) + LoRA
         self.sam_image_size = int(sam_image_size)
         self.sam_encoder = build_sam_image_encoder(sam_variant, self.sam_image_size, sam_overrides)
         self.lora_rank = int(lora_rank)
         if self.lora_rank > 0:
             apply_lora(self.sam_encoder, self.lora_rank)
-        sam_loaded = load_sam_encoder_weights(self.sam_encoder, sam_checkpoint, sam_variant)
+        sam_loaded = load_sam_weights(self.sam_encoder, sam_checkpoint, sam_variant, require)
         patch = int(self.sam_encoder.patch_embed.proj.kernel_size[0])
         self.grid = (self.sam_image_size // patch, self.sam_image_size // patch)
         dim = int(self.sam_encoder.neck[0].out_channels)
         self.register_buffer("sam_mean", torch.tensor(SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("sam_std", torch.tensor(SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         # --- CLIP (Eq. 1a, 1b) + M2IB (Eq. 2-3)
-        clip_model_obj, clip_loaded = build_clip(clip_model, clip_pretrained, clip_cfg)
+        clip_model_obj, clip_loaded = build_clip(clip_model, clip_pretrained, clip_cfg, require, clip_config,
+                                                 clip_text_config)
+        check_clip_tokenizer(clip_model_obj, tokenizer, clip_text_config)
         self.clip = CLIPTowers(clip_model_obj)
         self.prompter = M2IBPrompter(self.clip, layer=m2ib_layer, beta=m2ib_beta, noise_var=m2ib_noise_var,
-                                     steps=m2ib_steps, lr=m2ib_lr, n_samples=m2ib_samples,
+                                     steps=m2ib_steps, lr=m2ib_lr, n_samples=m2ib_samples, map_from=m2ib_map_from,
                                      cache_size=m2ib_cache_size, cache_dir=m2ib_cache_dir)
         self.affinity_scale = float(affinity_scale)
         self.affinity_mean_factor = float(affinity_mean_factor)
@@ -91,7 +115,13 @@ class SimpleViLMedSAM(nn.Module):
             p.requires_grad_(True)
         freeze(self.clip, not clip_trainable)
         self.align = bool(align) and clip_trainable
+        self.align_head = AlignmentHead() if self.align else None
         self.last_alignment_accuracy = float("nan")
+        # --- what checkpoints leave out: frozen tensors that come from the pretrained files (PretrainedAwareState)
+        if sam_loaded:
+            self.mark_from_files("sam_encoder.", (k for k in self.sam_encoder.state_dict() if ".lora_" not in k))
+        if clip_loaded:
+            self.mark_from_files("clip.model.", clip_model_obj.state_dict())
         self.mode_info = {
             "sam_weights_loaded": bool(sam_loaded), "clip_weights_loaded": bool(clip_loaded),
             "sam_encoder_trainable": bool(sam_trainable), "clip_trainable": bool(clip_trainable),
@@ -128,12 +158,13 @@ class SimpleViLMedSAM(nn.Module):
         dec = sum(p.numel() for p in self.decoder.parameters())
         return {**count_parameters(self), "lora": int(lora), "decoder": int(dec), "lora_plus_decoder": int(lora + dec),
                 "sam_encoder": int(sum(p.numel() for p in self.sam_encoder.parameters()) - lora),
-                "clip": int(sum(p.numel() for p in self.clip.parameters())), "mode": dict(self.mode_info)}
+                "clip": int(sum(p.numel() for p in self.clip.parameters())), "mode": dict(self.mode_info),
+                "checkpoint_tensors": len(self.state_dict())}
 
     # ------------------------------------------------------------------ pieces
     def _text_ids(self, text_ids, device) -> torch.Tensor:
         ids = as_token_tensor(text_ids, device)
-        ctx = int(self.clip.model.positional_embedding.shape[0]) if hasattr(self.clip.model, "positional_embedding") else ids.shape[1]
+        ctx = self.clip.context_length or ids.shape[1]
         if ids.shape[1] > ctx:
             ids = ids[:, :ctx]
         elif ids.shape[1] < ctx:
@@ -151,21 +182,32 @@ class SimpleViLMedSAM(nn.Module):
         refined = affinity_refine(sam_feats, init_map, self.affinity_scale, self.affinity_mean_factor)
         return torch.cat([init_map, refined], dim=1)
 
-    def _encode(self, image, text_ids, align_target=None):
+    def clip_trains(self) -> bool:
+        return any(p.requires_grad for p in self.clip.parameters())
+
+    @torch.no_grad()
+    def m2ib_grid_map(self, image: torch.Tensor, text_ids) -> torch.Tensor:
+        """The (cached) M2IB map ``[B, 1, gh, gw]`` at the CLIP patch grid for ``image`` (0..255) and the prompt."""
+        ids = self._text_ids(text_ids, image.device)
+        return self.prompter.grid_saliency(self.clip.preprocess(image), ids)
+
+    def _encode(self, image, text_ids, align_target=None, m2ib_map=None):
         ids = self._text_ids(text_ids, image.device)
         feats = self.sam_features(image)
-        pix = self.clip.preprocess(image)
-        train_clip = self.training and any(p.requires_grad for p in self.clip.parameters())
+        train_clip = self.training and self.clip_trains()
         align_loss = None
-        if train_clip:
+        if train_clip:  # joint mode: the map follows the CLIP being trained (no cache, no precomputed map)
+            pix = self.clip.preprocess(image)
             tokens = self.clip.tokens_at(pix, self.prompter.layer)
             text_emb = self.clip.encode_text(ids)
             grid_map = self.prompter.grid_saliency(pix, ids, tokens, text_emb, use_cache=False)
             if self.align and align_target is not None:
-                align_loss = self.alignment_loss(tokens, text_emb, ids, align_target)
+                align_loss = alignment_loss(self, tokens, text_emb, align_target)
+        elif m2ib_map is not None:
+            grid_map = m2ib_map
         else:
-            grid_map = self.prompter.grid_saliency(pix, ids)
-        init = _resize_minmax(grid_map.to(feats.dtype), feats.shape[-2:])
+            grid_map = self.prompter.grid_saliency(self.clip.preprocess(image), ids)
+        init = resize_minmax(grid_map.to(feats.device, feats.dtype), feats.shape[-2:])
         return feats, self.position_maps(feats, init), align_loss
 
     def _decode(self, feats, maps, size):
@@ -175,11 +217,11 @@ class SimpleViLMedSAM(nn.Module):
         return logits
 
     # ------------------------------------------------------------------ API
-    def forward(self, image: torch.Tensor, text_ids=None, text_mask=None, align_target=None):
+    def forward(self, image: torch.Tensor, text_ids=None, text_mask=None, align_target=None, m2ib_map=None):
         """``text_mask`` is accepted for the shared calling convention; open_clip pools at the end-of-text token."""
         if text_ids is None:
             raise ValueError("Simple-ViLMedSAM needs a text prompt (token ids)")
-        feats, maps, align_loss = self._encode(image, text_ids, align_target)
+        feats, maps, align_loss = self._encode(image, text_ids, align_target, m2ib_map)
         logits = self._decode(feats, maps, image.shape[-2:])
         if self.training:
             out = {"logits": logits}
@@ -208,68 +250,3 @@ class SimpleViLMedSAM(nn.Module):
         """``[B, 2, h, w]``: the initial M2IB map and its affinity refinement (for inspection / figures)."""
         feats, maps, _ = self._encode(image, text_ids)
         return maps
-
-    def alignment_loss(self, tokens: torch.Tensor, text_emb: torch.Tensor, ids: torch.Tensor,
-                       target: torch.Tensor) -> torch.Tensor:
-        """Auxiliary region-text alignment (NOT in the paper; only while the CLIP towers train from scratch).
-
-        A random CLIP has no image-text alignment, so its M2IB map is meaningless. Two terms give the CLIP the
-        property M2IB relies on -- the image embedding matches the prompt when the named object is kept -- using the
-        training masks (area-pooled to the CLIP patch grid); prompts see no mask at inference:
-
-        * dense: every patch embedding (tower output, projected) is classified against the item's own prompt,
-          target patches positive and all others (background AND the other objects) negative; class-balanced
-          binary cross-entropy on ``align_scale * cos + align_bias``. With average pooling (small variant) the
-          image embedding is the mean of these patch embeddings.
-        * bottleneck: at the M2IB layer, keeping only the target tokens (others replaced by the bottleneck's
-          noise, lambda = 0) must match the prompt better than keeping only the complement:
-          ``softplus(10 (cos(t, z_complement) - cos(t, z_target)))``.
-        * attribution: at the M2IB layer, the gradient x input attribution of ``cos(t, image embedding)`` per token
-          (what M2IB's first Adam steps see: the sign of ``d cos / d lambda``) must be positive on the target and
-          negative elsewhere (class-balanced BCE on the attribution divided by its mean magnitude; double
-          back-propagation).
-
-        Only the item's own prompt is used, so several prompts of one category in a batch do not act as false
-        negatives. ``last_alignment_accuracy``: share of items whose most text-similar patch lies on the target.
-        """
-        b = tokens.shape[0]
-        gh, gw = self.clip.grid
-        m = F.adaptive_avg_pool2d(target.float(), (gh, gw)).flatten(1).to(tokens.dtype)  # [B, g]
-        valid = m.sum(dim=1) > 0
-        if not bool(valid.any()):
-            return tokens.sum() * 0.0
-        t = F.normalize(text_emb.float(), dim=-1)
-        layer = self.prompter.layer
-        # dense term
-        patches = F.normalize(self.clip.patch_embeddings(tokens, layer).float(), dim=-1)  # [B, g, D]
-        cos = torch.einsum("bgd,bd->bg", patches, t)
-        logits = self.clip.align_scale * cos + self.clip.align_bias
-        pos = (m > 0.5).float()
-        bce = F.binary_cross_entropy_with_logits(logits, pos, reduction="none")
-        n_pos = pos.sum(dim=1).clamp_min(1.0)
-        n_neg = (1 - pos).sum(dim=1).clamp_min(1.0)
-        dense = 0.5 * ((bce * pos).sum(dim=1) / n_pos + (bce * (1 - pos)).sum(dim=1) / n_neg)
-        # bottleneck term
-        pre = torch.zeros(b, self.clip.num_prefix, device=tokens.device, dtype=tokens.dtype)
-        w_pos = torch.cat([pre, m], dim=1)[..., None]
-        w_neg = torch.cat([pre, 1.0 - m], dim=1)[..., None]
-        sigma = self.prompter.settings["noise_var"] ** 0.5
-        eps = torch.randn_like(tokens) * sigma
-        z = torch.cat([w_pos * tokens + (1 - w_pos) * eps, w_neg * tokens + (1 - w_neg) * eps])
-        r = F.normalize(self.clip.embed_from(z, layer).float(), dim=-1)
-        margin = F.softplus(10.0 * ((r[b:] * t).sum(-1) - (r[:b] * t).sum(-1)))
-        # attribution term (double backprop through the upper CLIP blocks)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        x = tokens if tokens.requires_grad else tokens.detach().requires_grad_(True)
-        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
-            fit = (F.normalize(self.clip.embed_from(x, layer).float(), dim=-1) * t).sum()
-            (grad,) = torch.autograd.grad(fit, [x], create_graph=True)
-        attr = (grad * x).sum(dim=-1)[:, self.clip.num_prefix:].float()  # [B, g]
-        attr = attr / attr.abs().mean(dim=1, keepdim=True).clamp_min(1e-8)
-        abce = F.binary_cross_entropy_with_logits(attr, pos, reduction="none")
-        attribution = 0.5 * ((abce * pos).sum(dim=1) / n_pos + (abce * (1 - pos)).sum(dim=1) / n_neg)
-        with torch.no_grad():
-            best = cos.argmax(dim=1)
-            self.last_alignment_accuracy = float((m[torch.arange(b), best] > 0)[valid].float().mean())
-        return (dense + margin + attribution)[valid].mean()

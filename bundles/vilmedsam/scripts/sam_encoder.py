@@ -6,24 +6,24 @@ parts of every block's fused ``qkv`` projection; everything else in the encoder 
 
 Presets ``vit_b`` / ``vit_l`` / ``vit_h`` use exactly the hyper-parameters of ``segment_anything.build_sam``;
 ``overrides`` change any of them (the ``small`` / ``tiny`` variants use narrower, shallower encoders at a smaller
-input). Pretrained weights (the official ``sam_vit_*.pth``) are loaded from a LOCAL file only; for a different
-input size their absolute and relative position embeddings are resized (bicubic / linear interpolation).
+input). Pretrained weights (the official ``sam_vit_*.pth``) are loaded strictly from a LOCAL file only
+(:func:`load_sam_weights`); for a different input size their absolute and relative position embeddings are resized
+(bicubic / linear interpolation).
 """
 
 from __future__ import annotations
 
-import logging
 import math
+from collections.abc import Callable, Mapping
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vlseg.weights import WeightsTarget, fetch_command, load_pretrained
 
-logger = logging.getLogger("vlseg.vilmedsam")
-
-__all__ = ["SAM_PRESETS", "SAM_URLS", "LoRAQV", "build_sam_image_encoder", "apply_lora", "load_sam_encoder_weights"]
+__all__ = ["SAM_PRESETS", "SAM_URLS", "SAM_FILES", "SAM_IGNORE", "LORA_OPTIONAL", "LoRAQV", "build_sam_image_encoder",
+           "apply_lora", "sam_key_map", "sam_weights_target", "load_sam_weights"]
 
 #: Hyper-parameters of ``segment_anything.build_sam._build_sam`` for each registry entry.
 SAM_PRESETS = {
@@ -31,11 +31,13 @@ SAM_PRESETS = {
     "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
 }
-SAM_URLS = {
-    "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-    "vit_l": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-    "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-}
+#: official checkpoint file names (``large_files.yml`` puts them under ``models/``) and their URLs
+SAM_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
+SAM_URLS = {k: f"https://dl.fbaipublicfiles.com/segment_anything/{v}" for k, v in SAM_FILES.items()}
+#: upstream tensors this network has no use for (SAM's prompt encoder and mask decoder), ignored by name
+SAM_IGNORE = (r"^prompt_encoder\.", r"^mask_decoder\.")
+#: LoRA tensors: no upstream file has them (they start as B = 0, i.e. the plain SAM encoder)
+LORA_OPTIONAL = (r"\.lora_[ab]_[qv]\.weight$",)
 #: SAM's own pixel normalisation (``Sam.pixel_mean`` / ``Sam.pixel_std``), on a 0..255 scale.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -121,44 +123,45 @@ def _resize_rel_pos(rel: torch.Tensor, length: int) -> torch.Tensor:
     return out[0].t().to(rel.dtype)
 
 
-def load_sam_encoder_weights(encoder: nn.Module, path: str | None, variant: str) -> bool:
-    """Load the ``image_encoder.*`` tensors of an official SAM checkpoint (LOCAL file) into ``encoder``.
+def sam_key_map(expected: Mapping[str, torch.Tensor]) -> Callable[[dict], dict]:
+    """File names of an official ``sam_vit_*.pth`` -> this encoder's names (``expected``: its ``state_dict()``,
+    meta tensors allowed).
 
-    Position embeddings are resized when the input size differs; LoRA keys are left as initialised. Returns True
-    when weights were loaded; otherwise logs one warning naming the file and where to fetch it.
+    ``image_encoder.`` is stripped; ``blocks.i.attn.qkv.*`` becomes ``blocks.i.attn.qkv.qkv.*`` when LoRA wraps the
+    projection; the absolute (bicubic) and relative (linear) position embeddings are resized to the encoder's input
+    size. Every other name (``prompt_encoder.*``, ``mask_decoder.*``) is kept, for the loader to ignore explicitly.
     """
-    if not path or not Path(path).is_file():
-        logger.warning(
-            "SAM %s image encoder: weights file %r not found -> RANDOM weights. Fetch %s into models/ "
-            "(see large_files.yml: `python -m monai.bundle download` does not cover it; use e.g. "
-            "`wget -P models %s`) and set sam_checkpoint.",
-            variant, path, SAM_URLS.get(variant, "?"), SAM_URLS.get(variant, "?"),
-        )
-        return False
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    enc_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
-    if not enc_state:  # a bare encoder state dict
-        enc_state = dict(state)
-    own = encoder.state_dict()
-    mapped = {}
-    for k, v in enc_state.items():
-        # LoRA wraps qkv: blocks.i.attn.qkv.weight -> blocks.i.attn.qkv.qkv.weight
-        tk = k.replace(".attn.qkv.", ".attn.qkv.qkv.") if k.replace(".attn.qkv.", ".attn.qkv.qkv.") in own else k
-        if tk not in own:
-            continue
-        if tk == "pos_embed":
-            v = _resize_pos_embed(v, tuple(own[tk].shape[1:3]))
-        elif tk.endswith(("rel_pos_h", "rel_pos_w")):
-            v = _resize_rel_pos(v, own[tk].shape[0])
-        if v.shape != own[tk].shape:
-            raise ValueError(f"SAM weights {path}: {tk} has shape {tuple(v.shape)}, encoder expects "
-                             f"{tuple(own[tk].shape)} (wrong sam_variant / overrides?)")
-        mapped[tk] = v
-    missing, unexpected = encoder.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if ".lora_" not in k]
-    if missing:
-        raise ValueError(f"SAM weights {path}: {len(missing)} encoder tensors missing, e.g. {missing[:3]}")
-    logger.info("SAM %s image encoder: loaded %d tensors from %s", variant, len(mapped), path)
-    return True
+
+    def key_map(state: dict) -> dict:
+        out = {}
+        for k, v in state.items():
+            if not k.startswith("image_encoder."):
+                out[k] = v
+                continue
+            name = k[len("image_encoder."):]
+            wrapped = name.replace(".attn.qkv.", ".attn.qkv.qkv.")
+            if wrapped in expected:
+                name = wrapped
+            if name == "pos_embed" and name in expected:
+                v = _resize_pos_embed(v, tuple(expected[name].shape[1:3]))
+            elif name.endswith(("rel_pos_h", "rel_pos_w")) and name in expected and v.shape[1:] == expected[name].shape[1:]:
+                v = _resize_rel_pos(v, int(expected[name].shape[0]))
+            out[name] = v
+        return out
+
+    return key_map
+
+
+def sam_weights_target(variant: str) -> WeightsTarget:
+    return WeightsTarget(f"SAM {variant} image encoder (official sam_vit_*.pth)", "sam_checkpoint",
+                         fetch_command("vilmedsam"))
+
+
+def load_sam_weights(encoder: nn.Module, path, variant: str, require: bool) -> bool:
+    """Load the ``image_encoder.*`` tensors of an official SAM checkpoint (LOCAL file) STRICTLY into ``encoder``
+    (:func:`vlseg.weights.load_pretrained`): every encoder tensor present with its shape (after
+    :func:`sam_key_map`), the LoRA tensors optional (no upstream file has them), the prompt encoder and mask decoder
+    ignored by name (``SAM_IGNORE``). ``require`` (config ``require_pretrained``): a missing or non-fitting file stops
+    the build; otherwise one warning and random weights. Returns True when loaded."""
+    return load_pretrained(encoder, path, sam_weights_target(variant), require,
+                           key_map=sam_key_map(encoder.state_dict()), optional=LORA_OPTIONAL, ignore=SAM_IGNORE)
