@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# System packages of the viewer end-to-end test (tests/test_viewer_e2e.py): Orthanc with its DICOMweb plugin and
-# headless Chromium with its WebDriver. Idempotent; does nothing when they are installed. Never fails: when they
+# System packages of the browser and serving tests (tests/test_viewer_e2e.py, tests/test_annotation_page.py,
+# tests/test_serving_nginx.py): Orthanc with its DICOMweb plugin, headless Chromium with its WebDriver, and nginx
+# (nginx-light; not started as a service: the test runs its own). Idempotent; does nothing when they are installed. Never fails: when they
 # cannot be installed (not root, no apt-get, no network) the test skips and says why.
 #   bash scripts/install_viewer_deps.sh
 set -u
-PKGS="orthanc orthanc-dicomweb chromium chromium-driver"
+PKGS="orthanc orthanc-dicomweb chromium chromium-driver nginx-light"
 have() {
   command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || return 1
   ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1 || return 1
   command -v chromium >/dev/null 2>&1 || return 1
   command -v chromedriver >/dev/null 2>&1 || return 1
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || return 1
 }
 if have; then
-  echo "[viewer-deps] Orthanc, its DICOMweb plugin, Chromium and chromedriver are installed"
+  echo "[viewer-deps] Orthanc, its DICOMweb plugin, Chromium, chromedriver and nginx are installed"
   exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -49,7 +49,7 @@ Configuration (``--conf key value``):
 ``infer_workers``             threads running ``/infer`` requests off the event loop (default 1: the bundles and their
                               caches are not promised to be thread-safe); 0: MONAI Label's own synchronous endpoint,
                               which stops every other request while one is segmented
-``infer_queue``               ``/infer`` requests that may wait for a worker (default 16); more: 503 + Retry-After
+``infer_queue``               ``/infer`` requests that may wait for a worker (default 64); more: 503 + Retry-After
 ``infer_retry_after``         seconds in the 503's ``Retry-After`` header (default 5)
 ============================  ==========================================================================
 
