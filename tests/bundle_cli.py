@@ -23,6 +23,18 @@ class BundleCLI:
         self.configs = self.root / "configs"
         self.timeout = timeout
 
+    def parser(self, *names: str, **overrides):
+        """A ``ConfigParser`` over ``configs/<name>`` files in order, ``bundle_root`` set, ``overrides`` applied
+        (parse it with the bundle's ``scripts`` importable, e.g. inside ``vlseg.bundles.bundle_context``)."""
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config([str(self.configs / n) for n in names])
+        parser["bundle_root"] = str(self.root)
+        for k, v in overrides.items():
+            parser[k] = v
+        return parser
+
     def env(self) -> dict:
         env = dict(os.environ)
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

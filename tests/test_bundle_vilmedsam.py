@@ -590,15 +590,7 @@ def test_random_prompt_transform(scripts_mod):
 # --------------------------------------------------------------------------- configs: weights, resize, M2IB in training
 
 
-def _parser(*names, **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / n) for n in names])
-    parser["bundle_root"] = str(BUNDLE)
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
+_parser = CLI.parser  # ConfigParser over configs/<names>, bundle_root set, overrides applied
 
 
 def test_paper_config_without_weights_fails_fast_and_small_builds(scripts_mod, tmp_path):

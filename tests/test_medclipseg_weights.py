@@ -46,15 +46,7 @@ def mcs():
                               cli=scripts.convert_upstream)
 
 
-def parser_for(*files: str, **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / f) for f in files])
-    parser["bundle_root"] = str(BUNDLE)
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
+parser_for = CLI.parser  # ConfigParser over configs/<names>, bundle_root set, overrides applied
 
 
 def cause(exc_type, fn):

@@ -41,15 +41,7 @@ def scripts_mod():
         yield scripts
 
 
-def _parser(*names, **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / n) for n in names])
-    parser["bundle_root"] = str(BUNDLE)
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
+_parser = CLI.parser  # ConfigParser over configs/<names>, bundle_root set, overrides applied
 
 
 # --------------------------------------------------------------------------- SAM
