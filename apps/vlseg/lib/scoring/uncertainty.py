@@ -44,6 +44,8 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from lib import imageio
 from lib.params import PromptSpec, RequestError, check_prompt, parse_bool, parse_int, parse_score_name
 from lib.trainset import caption_of
+from vlseg.app_support.score_records import (EMBEDDING_KEY, PREFIX, SCORE_KEYS, score_key, scoring_record,
+                                             scoring_signature)
 from vlseg.scores import DEFAULT_SCORE, SCORES, compute_scores
 from vlseg.selection import random_subset, thumbnail_embedding
 
@@ -51,16 +53,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["UncertaintyScoring", "SCORE_KEYS", "EMBEDDING_KEY", "score_key", "update_image_info"]
 
-PREFIX = "vlseg_uncertainty"
-SCORE_KEYS = tuple(f"{PREFIX}_{name}" for name in SCORES)
-EMBEDDING_KEY = f"{PREFIX}_embedding"
 PROMPT_MODES = ("labels", "default", "caption")
-SIGNATURE_VERSION = "v2"  # v2: decomposed-map scores and the embedding (older records are re-scored)
-
-
-def score_key(name: str) -> str:
-    """Image-info key of the score ``name`` (:data:`vlseg.scores.SCORES`)."""
-    return f"{PREFIX}_{name}"
+# the record layout (PREFIX, SCORE_KEYS, EMBEDDING_KEY, score_key, the signature) is
+# vlseg.app_support.score_records, shared with the torchrun pool job (scripts/score_pool.py)
 
 
 def update_image_info(datastore, image_id: str, info: dict) -> None:
@@ -153,8 +148,7 @@ class UncertaintyScoring(ScoringMethod):
             info = datastore.get_image_info(image_id)
             path = datastore.get_image_uri(image_id)
             prompts = self._prompts(mode, task, path, info)
-            signature = (f"{SIGNATURE_VERSION}|{model}|{ckpt.get('sha256', '')[:16]}|{ns}|"
-                         f"{'/'.join(p.prompt for p in prompts)}")
+            signature = scoring_signature(model, ckpt.get("sha256"), ns, [p.prompt for p in prompts])
             if not force and info.get(f"{PREFIX}_signature") == signature:
                 skipped.append(image_id)
             else:
@@ -174,16 +168,9 @@ class UncertaintyScoring(ScoringMethod):
                     failed[image_id] = str(e)
                     continue
                 s = out["scores"]
-                update_image_info(datastore, image_id, {
-                    **{score_key(k): round(v, 6) for k, v in s.items()},
-                    EMBEDDING_KEY: out["embedding"],
-                    f"{PREFIX}_model": model,
-                    f"{PREFIX}_prompts": [p.prompt for p in todo[image_id][1]],
-                    f"{PREFIX}_num_samples": ns,
-                    f"{PREFIX}_checkpoint": ckpt.get("sha256"),
-                    f"{PREFIX}_signature": todo[image_id][2],
-                    f"{PREFIX}_ts": int(time.time()),
-                })
+                update_image_info(datastore, image_id, scoring_record(
+                    s, out["embedding"], model, [p.prompt for p in todo[image_id][1]], ns, ckpt.get("sha256"),
+                    todo[image_id][2]))
                 scored[image_id] = round(s[score], 6) if score in s else None
                 logger.info("scoring: %s %s=%s (%s)", image_id, score, scored[image_id], model)
         infer_s = time.time() - t0

@@ -1,0 +1,1 @@
+"""Scale-out jobs on torch.distributed (``torchrun``): pool scoring and batch inference over many images."""
