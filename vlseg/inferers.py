@@ -15,7 +15,7 @@ layers are switched to train mode for the passes (batch-norm stays in eval mode)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -78,11 +78,17 @@ class StochasticTextInferer(Inferer):
             (``PrepareBatchExtraInput(extra_keys=["text_ids", "text_mask"])``).
         decompose: add the mutual-information and standard-deviation channels (the bundles' inference configs set
             it; training-time validation keeps the two contract channels).
+        sampler: optional callable ``sampler(network, image, *args, num_samples=S, **kwargs) -> [S', B, 1, H, W]``
+            used instead of :func:`sample_probabilities` (e.g. MedCLIPSeg's ``scripts.sampler.MapSampler`` with an
+            adaptive or control-variate sampling); None (default): :func:`sample_probabilities`.
     """
 
     def __init__(self, num_samples: int = 1, seed: int | None = 0, extra_keys: Sequence[str] = ("text_ids", "text_mask"),
-                 decompose: bool = False):
+                 decompose: bool = False, sampler: Callable | None = None):
         super().__init__()
+        if sampler is not None and not callable(sampler):
+            raise TypeError(f"sampler must be callable (network, image, *args, num_samples=...), got {type(sampler)}")
+        self.sampler = sampler
         self.decompose = bool(decompose)
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -96,7 +102,7 @@ class StochasticTextInferer(Inferer):
         with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
             if self.seed is not None:
                 torch.manual_seed(self.seed)
-            probs = sample_probabilities(network, inputs, *args, num_samples=n, **kwargs)
+            probs = (self.sampler or sample_probabilities)(network, inputs, *args, num_samples=n, **kwargs)
         if self.decompose:
             maps = uncertainty_maps(probs)
             return torch.cat([maps[k] for k in MAP_NAMES], dim=1)

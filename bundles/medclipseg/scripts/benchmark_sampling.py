@@ -28,6 +28,15 @@ BUNDLE = Path(__file__).resolve().parents[1]
 
 
 def build(variant: str, checkpoint: str | None = None):
+    """``(network in eval mode, (tokenizer spec, context length), image size)`` of a variant, random weights unless
+    ``checkpoint``."""
+    net, parser = build_with_parser(variant, checkpoint)
+    tok = (parser.get_parsed_content("tokenizer"), parser.get_parsed_content("context_length"))
+    return net, tok, int(parser.get_parsed_content("image_size"))
+
+
+def build_with_parser(variant: str, checkpoint: str | None = None):
+    """The network (eval mode) and the parsed inference config of a variant (``inference.json`` + override)."""
     from monai.bundle import ConfigParser
 
     files = [str(BUNDLE / "configs" / "inference.json")]
@@ -43,8 +52,7 @@ def build(variant: str, checkpoint: str | None = None):
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-    tok = (parser.get_parsed_content("tokenizer"), parser.get_parsed_content("context_length"))
-    return net.eval(), tok, int(parser.get_parsed_content("image_size"))
+    return net.eval(), parser
 
 
 def main(argv=None) -> dict:
