@@ -1,267 +1,356 @@
 #!/usr/bin/env python
-"""Active-learning simulation with the MONAI Label app's own scoring and strategy code.
+"""Active-learning simulation with the MONAI Label app's own scoring, strategies and train task (issue 14).
 
-Start with ``--initial`` % of the training set labelled (a seeded random choice), then per round add ``--step`` % of
-the training set chosen by
-  (a) the app's uncertainty strategy: ``lib.scoring.uncertainty.UncertaintyScoring`` runs the app's infer task on
-      the round's checkpoint over the unlabelled pool (prompt = each image's caption) and
-      ``lib.activelearning.uncertainty.MostUncertain`` serves the most uncertain image, one at a time, each one
-      "annotated" (its ground-truth mask saved as the final label with its prompt) before the next ask;
-  (b) random selection, with ``--seeds`` seeds.
-After every round the bundle is retrained from random initialisation with the same budget (its own train config
-through ``python -m monai.bundle run``) and the test Dice is measured. The report plots test Dice against the
-labelled fraction and states how much labelling the uncertainty strategy saves to reach 95 % of the full-data Dice.
+One command runs it all, in this order, and can be stopped and re-run at any time (finished work is kept per job
+and per round under --work-dir; nothing is committed, the report goes to --out):
 
-    python scripts/benchmark_active_learning.py                    # Kvasir-SEG or demo, 10 % + 10 %/round
-    python scripts/benchmark_active_learning.py --quick
+1. plan: pool = the training images whose object is the label word (Kvasir-SEG: all 800), rounds = --initial % of
+   the pool, then +--step % (<= 5 %) per round up to --max-fraction %; per seed one random initial set, shared
+   by every arm (paired seeds). A budget estimate from per-step times measured here; with --budget-minutes the run
+   is refused when the estimate does not fit.
+2. regime check: the app's train task on 100 % of the pool and on every seed's initial set (round 0 of all arms);
+   the initial point must be <= 0.9 x the full-data Dice, else the report says the regime is not data-limited.
+3. score choice: the gate of scripts/benchmark_uncertainty.py (its measure(), on the VALIDATION split, seed 0's
+   round-0 model) picks the image score with the largest Spearman(score, 1 - Dice); never the test split.
+4. curves: per arm (random, uncertainty, diverse) and seed, each round selects with the app's code, fine-tunes
+   from the previous round's checkpoint with the app's train task, and measures test Dice; --workers jobs run side
+   by side (one thread each).
+5. report: area under the learning curve and labels to reach 95 % of the full-data Dice with paired bootstrap 95 %
+   CIs over seeds, learning-curve PNG with bands, regime verdict, target check (>= 30 % fewer labels and an AUC-
+   difference CI above 0).
+
+    python scripts/benchmark_active_learning.py --budget-minutes 150      # Kvasir-SEG (or the demo set)
+    python scripts/benchmark_active_learning.py --plan-only                # only the estimate
+    python scripts/benchmark_active_learning.py --quick                    # seconds-scale smoke run on demo data
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from vlseg.bench.active import AppActiveLearner, AppUnavailable, item_key
-from vlseg.bench.bundles import load_bundle_model
-from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, budget_unit, budget_words, command_line, log, out_dir
+from vlseg.bench.al_protocol import (ARMS, VARIANT, curve_records, job_done, jobs_of, load_plan, make_plan,
+                                     prepare_bundle, read_json, run_job)
+from vlseg.bench.al_report import compare_arms, learning_curve_plot, regime_check, target_check, write_report
+from vlseg.bench.cli import add_budget_clock, apply_threads, base_parser, command_line, log, out_dir
 from vlseg.bench.data import cache_dir, resolve_data, write_datalist
-from vlseg.bench.evaluate import evaluate_items
-from vlseg.bench.report import Report, line_plot
-from vlseg.bench.train import train_bundle
-from vlseg.bundles import find_bundles, variant_label
+from vlseg.bench.report import Report, repo_root
+from vlseg.bundles import find_bundles
+from vlseg.scores import DEFAULT_SCORE, SCORES
+
+#: a narrow random text tower: every prompt is the one label word, so the text only supplies a constant
+NARROW_TEXT = {"text_encoder": "cxr-bert", "text_weights": None,
+               "text_encoder_overrides": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
+                                          "intermediate_size": 64}}
 
 
 def parse_args(argv=None):
     p = base_parser("active_learning", __doc__)
     p.add_argument("--datalist", type=Path, default=None)
-    p.add_argument("--bundle", default=None, help="bundle to simulate with (default: uavls if present, else the first)")
-    p.add_argument("--variant", default=None, help="default small; quick: tiny")
-    p.add_argument("--budget-seconds", type=float, default=None, help="training budget per round (default 300; quick 6)")
+    p.add_argument("--bundle", default="uavls", help="bundle to simulate with (default uavls)")
+    p.add_argument("--variant", default=None, help="size variant the protocol's overrides extend (default small; quick tiny)")
+    p.add_argument("--word", default="polyp", help="the app's label word: every prompt, and the pool's object category")
+    p.add_argument("--image-size", type=int, default=None, help="training / inference size (default 96; quick: the variant's)")
+    p.add_argument("--text-tower", choices=("narrow", "bundle"), default="narrow",
+                   help="narrow: a 1-layer random text encoder (one constant prompt needs no language model; 4x smaller "
+                        "checkpoints); bundle: the variant's own")
+    p.add_argument("--patience", type=int, default=5, help="early stopping: validations without improvement")
+    p.add_argument("--min-epochs", type=int, default=None, help="no early stop before this epoch (default 5; quick 1)")
+    p.add_argument("--epochs-init", type=int, default=None, help="epoch cap of a training from scratch (default 60; quick 2)")
+    p.add_argument("--epochs-round", type=int, default=None, help="epoch cap of a warm-started round (default 10; quick 1)")
+    p.add_argument("--epochs-full", type=int, default=None, help="epoch cap of the full-data training (default 40; quick 2)")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="time cap of one round's training, on --budget-clock (default 240; quick 60)")
+    p.add_argument("--full-seconds", type=float, default=None, help="time cap of the full-data training (default 1500)")
     add_budget_clock(p)
-    p.add_argument("--initial", type=float, default=10.0, help="initially labelled %% of the training set")
-    p.add_argument("--step", type=float, default=10.0, help="%% of the training set added per round")
-    p.add_argument("--max-fraction", type=float, default=None, help="stop after this labelled %% (default 100; quick 50)")
-    p.add_argument("--seeds", type=int, default=None, help="random-selection seeds (default 3; quick 1)")
-    p.add_argument("--scoring-samples", type=int, default=None, help="stochastic passes per image when scoring (app default 8; quick 2)")
-    p.add_argument("--eval-samples", type=int, default=1, help="passes per test image (default 1)")
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--max-val", type=int, default=None)
-    p.add_argument("--max-test", type=int, default=None)
-    p.add_argument("--work-dir", type=Path, default=None)
-    p.add_argument("--epoch-length", type=int, default=None,
-                   help="iterations per training epoch, i.e. between validations / best-checkpoint saves (default 50; "
-                        "quick: the bundle's own). Without it a budget shorter than one pass over the data leaves no checkpoint")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--in-process", action="store_true", help="train in this process (default with --quick)")
+    p.set_defaults(budget_clock="process")
+    p.add_argument("--initial", type=float, default=None, help="initially labelled %% of the pool (default 10; quick 20)")
+    p.add_argument("--step", type=float, default=5.0, help="%% of the pool added per round (at most 5)")
+    p.add_argument("--max-fraction", type=float, default=None, help="last round's labelled %% (default 50; quick 25)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 5; quick 2)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--score", default=None, choices=sorted(SCORES), help="skip the gate and rank by this score")
+    p.add_argument("--scoring-samples", type=int, default=None, help="stochastic passes when scoring (default 4; quick 2)")
+    p.add_argument("--scoring-max-images", type=int, default=None,
+                   help="unlabelled images scored per round, drawn at random (the app's scoring_max_images; default 150, "
+                        "0 = all; quick 0)")
+    p.add_argument("--eval-samples", type=int, default=1, help="passes per test image")
+    p.add_argument("--gate-boot", type=int, default=1000)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the report's CIs")
+    p.add_argument("--max-train", type=int, default=None, help="pool size limit (quick 20)")
+    p.add_argument("--max-val", type=int, default=None, help="(quick 4)")
+    p.add_argument("--max-test", type=int, default=None, help="(quick 4)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="more variant-file overrides")
+    p.add_argument("--work-dir", type=Path, default=None, help="resumable state (default ~/.cache/vlseg/bench/work/al)")
+    p.add_argument("--restart", action="store_true", help="discard the work folder first")
+    p.add_argument("--workers", type=int, default=None, help="jobs side by side, one thread each (default 2; quick 0 = "
+                                                             "in this process)")
+    p.add_argument("--budget-minutes", type=float, default=None, help="refuse to start when the estimate exceeds it")
+    p.add_argument("--plan-only", action="store_true", help="print the plan and the estimate, run nothing")
+    p.add_argument("--job", default=None, help=argparse_hidden())
     a = p.parse_args(argv)
     q = a.quick
     a.variant = a.variant or ("tiny" if q else "small")
-    a.budget_seconds = a.budget_seconds or (6.0 if q else 300.0)
-    a.max_fraction = a.max_fraction or 100.0
-    if q and a.initial == 10.0 and a.step == 10.0:
-        a.initial, a.step = 50.0, 50.0  # two rounds; the 100 % round is also the full-data reference
-    a.seeds = a.seeds or (1 if q else 3)
-    a.scoring_samples = a.scoring_samples or (2 if q else 8)
-    a.max_train = a.max_train or (8 if q else None)
+    a.image_size = a.image_size or (None if q else 96)
+    a.min_epochs = a.min_epochs or (1 if q else 5)
+    a.epochs_init = a.epochs_init or (2 if q else 60)
+    a.epochs_round = a.epochs_round or (1 if q else 10)
+    a.epochs_full = a.epochs_full or (2 if q else 40)
+    a.budget_seconds = a.budget_seconds or (60.0 if q else 240.0)
+    a.full_seconds = a.full_seconds or (60.0 if q else 1500.0)
+    a.initial = a.initial or (20.0 if q else 10.0)
+    a.max_fraction = a.max_fraction or (25.0 if q else 50.0)
+    a.seeds = a.seeds or (2 if q else 5)
+    a.scoring_samples = a.scoring_samples or (2 if q else 4)
+    a.scoring_max_images = a.scoring_max_images if a.scoring_max_images is not None else (0 if q else 150)
+    a.max_train = a.max_train or (20 if q else None)
     a.max_val = a.max_val or (4 if q else None)
     a.max_test = a.max_test or (4 if q else None)
-    a.in_process = a.in_process or q
-    if a.epoch_length is None and not q:
-        a.epoch_length = 50
+    a.workers = a.workers if a.workers is not None else (0 if q else 2)
+    if q and a.text_tower == "narrow":
+        a.text_tower = "bundle"  # tiny already is narrow
     return a
 
 
-def fraction_needed(fracs, dices, target) -> float | None:
-    """Smallest labelled fraction at which the curve reaches ``target`` (linear interpolation between rounds)."""
-    prev = None
-    for f, d in zip(fracs, dices):
-        if d is not None and not math.isnan(d) and d >= target:
-            if prev is None:
-                return f
-            pf, pd = prev
-            return pf + (f - pf) * (target - pd) / (d - pd) if d != pd else f
-        prev = (f, d)
-    return None
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def _overrides(args, cap: float) -> dict:
+    o = {"patience": args.patience, "min_epochs": args.min_epochs, "max_train_seconds": float(cap),
+         "max_train_clock": args.budget_clock, "progress_bar": False, "num_workers": 0}
+    if args.image_size:
+        o["image_size"] = args.image_size
+    if args.text_tower == "narrow":
+        o.update(NARROW_TEXT)
+    for s in args.override:
+        k, _, v = s.partition("=")
+        try:
+            o[k] = json.loads(v)
+        except ValueError:
+            o[k] = v
+    return o
+
+
+def _worded(items: list[dict], word: str) -> list[dict]:
+    """Items of ``word`` whose mask is not empty (data sets with several object categories per image, like the demo
+    set: the object of the label word is the pool unit; an object hidden by the others has nothing to annotate)."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for it in items:
+        if it.get("category") not in (None, word):
+            continue
+        with Image.open(it["label"]) as m:
+            if np.asarray(m).any():
+                out.append(it)
+    return out
+
+
+def build_plan(args) -> dict:
+    data = resolve_data(args.datalist, quick=args.quick)
+    pool = _worded(data.items("training"), args.word)[:args.max_train or None]
+    val = _worded(data.items("validation"), args.word)[:args.max_val or None]
+    test = _worded(data.items("test"), args.word)[:args.max_test or None]
+    if not pool or not test or not val:
+        raise SystemExit(f"{data.name}: no training / validation / test items of {args.word!r} (use --word)")
+    bundles = find_bundles(args.bundles_dir, [args.bundle])
+    settings = {
+        "bundle_path": str(bundles[0].resolve()), "bundle": bundles[0].name, "bundle_name": bundles[0].name,
+        "base_variant": args.variant,
+        "overrides": _overrides(args, args.budget_seconds), "full_overrides": _overrides(args, args.full_seconds),
+        "word": args.word, "initial": args.initial, "step": args.step, "max_fraction": args.max_fraction,
+        "seeds": args.seeds, "arms": list(dict.fromkeys(["random"] + list(args.arms))), "epochs_init": args.epochs_init,
+        "epochs_round": args.epochs_round, "epochs_full": args.epochs_full, "scoring_samples": args.scoring_samples,
+        "scoring_max_images": args.scoring_max_images, "eval_samples": args.eval_samples,
+        "datalist": str(data.datalist), "data_name": data.name, "budget_clock": args.budget_clock,
+        "budget_seconds": args.budget_seconds, "threads": args.threads or 1, "n_boot": args.n_boot,
+        "reference": "random", "workers": args.workers,
+    }
+    return make_plan(settings, pool, val, test)
+
+
+# ------------------------------------------------------------------------------------------------------ phases
+def run_phase(work: Path, plan: dict, jobs: list[str], workers: int, score: str | None, threads: int) -> dict[str, str]:
+    """Run the unfinished ``jobs``: in this process (``workers`` 0) or as ``workers`` child processes at a time
+    (one thread each; logs under work/logs). Returns ``{job: error}`` of failed jobs."""
+    todo = [j for j in jobs if not job_done(work, plan, j)]
+    failed: dict[str, str] = {}
+    if workers <= 0:
+        for j in todo:
+            try:
+                run_job(work, j, score, log)
+            except Exception as e:  # noqa: BLE001 - the others go on; the report lists it
+                failed[j] = f"{type(e).__name__}: {e}"
+                log(f"{j} failed: {failed[j]}")
+        return failed
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    running: dict[str, tuple[subprocess.Popen, float, Path]] = {}
+    n, done = len(todo), 0
+    while todo or running:
+        while todo and len(running) < workers:
+            j = todo.pop(0)
+            lf = work / "logs" / f"{j.replace(':', '_')}.log"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--work-dir", str(work), "--job", j,
+                   "--threads", str(threads)] + (["--score", score] if score else [])
+            with open(lf, "a") as f:
+                running[j] = (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), time.time(), lf)
+            log(f"started {j} (log {lf})")
+        time.sleep(2.0)
+        for j, (proc, t0, lf) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[j]
+            done += 1
+            if proc.returncode != 0:
+                failed[j] = f"exit code {proc.returncode}; log {lf}: " + lf.read_text(errors="replace")[-600:]
+                log(f"{j} FAILED ({failed[j][:200]})")
+            else:
+                log(f"[{done}/{n}] {j} finished in {time.time() - t0:.0f} s")
+    return failed
+
+
+def run_gate(args, work: Path, plan: dict) -> dict:
+    """Choose the score on the validation split with scripts/benchmark_uncertainty.py's measurement."""
+    path = work / "gate.json"
+    if args.score:
+        return {"score": args.score, "forced": True}
+    old = read_json(path)
+    if old is not None:
+        return old
+    import importlib.util
+
+    from vlseg.bench.bundles import load_bundle_model
+
+    spec = importlib.util.spec_from_file_location("_vlseg_benchmark_uncertainty",
+                                                  repo_root() / "scripts" / "benchmark_uncertainty.py")
+    unc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unc)
+    bundle = work / "init" / "0" / "bundle"
+    bm = load_bundle_model(bundle, VARIANT, checkpoint=bundle / "models" / "model.pt")
+    if hasattr(bm.inferer, "decompose"):
+        bm.inferer.decompose = True
+    items = [{**{k: v for k, v in it.items() if k != "prompts"}, "text": plan["settings"]["word"]}
+             for it in plan["validation"]]
+    n = plan["settings"]["scoring_samples"]
+    log(f"gate: {len(items)} validation images, {n} passes, seed 0's round-0 model")
+    r = unc.measure(bm, items, n, 15, 2, 0.1, args.gate_boot, 0)
+    finite = {k: g for k, g in r["gate"].items() if g["spearman"] == g["spearman"]}
+    best = max(finite, key=lambda k: finite[k]["spearman"]) if finite else DEFAULT_SCORE
+    gate = {"score": best, "split": "validation", "model": "init:0", "samples": n, "n_images": r["n_images"],
+            "dice": r["dice"], "table": r["gate"],
+            "note": None if finite else f"no score has a defined Spearman; fell back to the app default {DEFAULT_SCORE}"}
+    write_datalist(gate, path)
+    log(f"gate: chose {best!r}")
+    return gate
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def assemble(args, work: Path, plan: dict, gate: dict, failed: dict, est: dict | None) -> dict:
+    st, counts = plan["settings"], plan["counts"]
+    full = read_json(work / "full" / "record.json")
+    inits = {s: read_json(work / "init" / str(s) / "record.json") for s in range(st["seeds"])}
+    full_dice = full["dice"] if full else None
+    regime = regime_check([r["dice"] for r in inits.values() if r], full_dice if full_dice is not None else float("nan"))
+    target = 0.95 * full_dice if full_dice is not None else None
+    curves: dict[str, dict[int, list[float]]] = {a: {} for a in st["arms"]}
+    rounds: dict[str, dict] = {}
+    for a in st["arms"]:
+        for s in range(st["seeds"]):
+            recs = curve_records(work, f"curve:{a}:{s}")
+            if inits[s] and all(k in recs for k in range(1, len(counts))):
+                curves[a][s] = [inits[s]["dice"]] + [recs[k]["dice"] for k in range(1, len(counts))]
+            rounds[f"{a}:{s}"] = {k: {x: v for x, v in r.items() if x != "labeled"} for k, r in recs.items()}
+    comparison = {}
+    if all(curves[a] for a in st["arms"]) and set.intersection(*[set(curves[a]) for a in st["arms"]]):
+        comparison = compare_arms(counts, curves, target, "random", st["n_boot"], 0)
+    n_pool = len(plan["pool"])
+    res = {
+        "settings": st, "counts": counts, "steps": [100.0 * c / n_pool for c in counts],
+        "data": {"name": st["data_name"], "datalist": st["datalist"], "n_pool": n_pool,
+                 "n_val": len(plan["validation"]), "n_test": len(plan["test"])},
+        "regime": regime, "gate": gate, "full_data_dice": full_dice, "target_dice": target, "comparison": comparison,
+        "curves": {a: {str(s): v for s, v in c.items()} for a, c in curves.items()}, "rounds": rounds,
+        "failed_jobs": failed, "estimate": est,
+        "target": target_check(comparison, [a for a in st["arms"] if a != "random"]) if comparison else
+        {"met": False, "arms_meeting": [], "min_saving": 0.3, "best_arm": None},
+    }
+    for a, key in (("uncertainty", "fraction_needed_uncertainty"), ("random", "fraction_needed_random")):
+        need = comparison.get(a, {}).get("labels_needed")
+        res[key] = 100.0 * need / n_pool if need is not None else None  # the bundle docs' summary line reads these
+    return res
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    apply_threads(args.threads)
-    out = out_dir(args)
     work = Path(args.work_dir) if args.work_dir else cache_dir() / "work" / ("al_quick" if args.quick else "al")
-    data = resolve_data(args.datalist, quick=args.quick,
-                        limits={k: v for k, v in (("training", args.max_train), ("validation", args.max_val), ("test", args.max_test)) if v})
-    bundles = find_bundles(args.bundles_dir, [args.bundle] if args.bundle else args.bundles)
-    if not bundles:
-        raise SystemExit(f"no bundle found in {args.bundles_dir}")
-    bundle = next((b for b in bundles if b.name == "uavls"), bundles[0]) if not args.bundle else bundles[0]
-    variant = None if variant_label(args.variant) == "paper" else args.variant
-    rep = Report(out, f"Active learning with the app's uncertainty strategy ({bundle.name}, {data.name})", command_line())
+    if args.job:  # a child process: one job of an existing plan
+        apply_threads(args.threads or 1)
+        run_job(work, args.job, args.score, log)
+        return 0
+    t_start = time.time()
+    apply_threads(args.threads)
+    if args.restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    plan = load_plan(work, build_plan(args))
+    st = plan["settings"]
+    log(f"pool {len(plan['pool'])} ({st['data_name']}), rounds {plan['counts']}, {st['seeds']} seeds x {st['arms']}, "
+        f"work {work}")
+    from vlseg.bench.al_budget import calibrate, estimate
+
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    cal_bundle = prepare_bundle(Path(st["bundle_path"]), work / "calibration" / "bundle", st["base_variant"],
+                                st["overrides"])
+    batch = json.loads((cal_bundle / "configs" / f"{VARIANT}.json").read_text()).get("batch_size", 8)
+    cal = calibrate(cal_bundle, int(batch))
+    torch.set_num_threads(threads_before)
+    est = estimate(plan, work, cal, args.workers)
+    log(f"measured: {cal['step_s']:.3f} s per training step (batch {cal['batch_size']}; {cal['step_cpu_s']:.3f} CPU s), "
+        f"{1e3 * cal['pass_s']:.1f} ms per "
+        f"inference pass, {cal['threads']} thread; estimate for the {est['jobs_left']} jobs left with "
+        f"{est['workers']} worker(s): {est['total_s'] / 60:.0f} min (first phase {est['first_s'] / 60:.0f}, gate "
+        f"{est['gate_s'] / 60:.1f}, curves {est['curves_s'] / 60:.0f}; {est['cpu_s'] / 3600:.1f} CPU h)")
+    if args.budget_minutes is not None and est["total_s"] / 60 > args.budget_minutes:
+        log(f"REFUSED: the estimate ({est['total_s'] / 60:.0f} min) exceeds --budget-minutes {args.budget_minutes:g}; "
+            "lower --seeds, --max-fraction, --epochs-round, --budget-seconds or --scoring-max-images, raise --workers, "
+            "or run it in parts (finished jobs are kept)")
+        return 3
+    if args.plan_only:
+        return 0
+    failed = run_phase(work, plan, jobs_of(plan)["first"], args.workers, None, args.threads or 1)
+    gate = run_gate(args, work, plan) if job_done(work, plan, "init:0") else {}
+    if gate:
+        failed.update(run_phase(work, plan, jobs_of(plan)["curves"], args.workers, gate["score"], args.threads or 1))
+    res = assemble(args, work, plan, gate, failed, est)
+    out = out_dir(args)
+    title = f"Active learning with the app's strategies ({st['bundle_name']}, {st['data_name']})"
+    rep = Report(out, title, command_line())
     rep.machine()
-    pool, val_items, test_items = data.items("training"), data.items("validation"), data.items("test")
-    keys = [item_key(it, i) for i, it in enumerate(pool)]
-    by_key = dict(zip(keys, pool))
-    n = len(pool)
-    steps = [args.initial]
-    while steps[-1] + args.step <= args.max_fraction + 1e-9:
-        steps.append(steps[-1] + args.step)
-    counts = [max(1, min(n, int(round(n * f / 100.0)))) for f in steps]
-    extra = {}
-    for s in args.override:
-        k, _, v = s.partition("=")
-        try:
-            extra[k] = json.loads(v)
-        except ValueError:
-            extra[k] = v
-    if args.quick or args.budget_clock == "process":
-        extra.setdefault("num_workers", 0)  # process clock: data loading must run inside the budgeted process
-    log(f"{bundle.name} ({args.variant}); pool {n}, rounds at {steps} % -> {counts} items; "
-        f"budget {args.budget_seconds:.0f} {budget_words(args.budget_clock)}")
-
-    cache: dict[tuple, dict] = {}  # identical labelled sets are trained once
-
-    def train_eval(tag: str, labeled: list[str]) -> dict:
-        sig = tuple(sorted(labeled))
-        if sig in cache:
-            return dict(cache[sig], reused=True)
-        wd = work / tag
-        dl = write_datalist({"name": data.name, "training": [by_key[k] for k in labeled], "validation": val_items,
-                             "test": test_items}, wd / "datalist.json")
-        r = train_bundle(bundle, variant, dl, wd, args.budget_seconds, extra=extra, in_process=args.in_process,
-                         timeout=args.budget_seconds * 3 + 600, epoch_length=args.epoch_length, clock=args.budget_clock)
-        if not r.ok:
-            res = {"dice": float("nan"), "error": r.error, "copy": None}
-        else:
-            bm = load_bundle_model(bundle, variant, checkpoint=r.checkpoint)
-            s = evaluate_items(bm, test_items, num_samples=args.eval_samples)["summary"]
-            res = {"dice": s["dice"], "iou": s["iou"], "nsd": s["nsd"], "copy": str(r.checkpoint.parent.parent),
-                   "checkpoint": str(r.checkpoint), "train_wall_s": r.wall_s}
-        cache[sig] = res
-        return res
-
-    curves: dict[str, list[dict]] = {}
-    app_error = None
-    t_scoring = 0.0
-    # (a) uncertainty strategy (seed 0's initial set) -------------------------------------------------------------
-    def random_order(seed: int) -> list[str]:
-        """The order in which random selection with ``seed`` labels the pool (its rounds are prefixes of it)."""
-        return random.Random(seed).sample(keys, n)
-
-    init = random_order(0)[:counts[0]]  # the uncertainty run starts from random seed 0's first round
-    try:
-        learner = AppActiveLearner(pool, set(init), work / "studies_uncertainty", num_samples=args.scoring_samples)
-    except AppUnavailable as e:
-        learner, app_error = None, str(e)
-        log(f"uncertainty strategy unavailable: {e}")
-    if learner is not None:
-        curve = []
-        for r_i, c in enumerate(counts):
-            labeled = learner.labeled()
-            res = train_eval(f"uncertainty_r{r_i}", labeled)
-            curve.append({"fraction": steps[r_i], "n_labeled": len(labeled), **res})
-            log(f"uncertainty round {r_i}: {len(labeled)} labelled -> Dice {res['dice']:.3f}")
-            if r_i + 1 < len(counts):
-                if res.get("copy") is None:
-                    app_error = f"round {r_i} training failed: {res.get('error')}"
-                    break
-                t = time.perf_counter()
-                sc = learner.score(Path(res["copy"]), variant, Path(res["checkpoint"]))
-                t_scoring += time.perf_counter() - t
-                chosen = learner.select(counts[r_i + 1] - len(labeled))
-                curve[-1]["scored"] = len(sc.get("scored", {}))
-                curve[-1]["scoring_s"] = time.perf_counter() - t
-                curve[-1]["chosen_first"] = chosen[:3]
-        curves["uncertainty (app strategy)"] = curve
-    # (b) random, several seeds ------------------------------------------------------------------------------------
-    for seed in range(args.seeds):
-        order = random_order(seed)  # seed 0 starts from the same initial set as (a)
-        curve = []
-        for r_i, c in enumerate(counts):
-            labeled = order[:c]
-            res = train_eval(f"random_s{seed}_r{r_i}", labeled)
-            curve.append({"fraction": steps[r_i], "n_labeled": len(labeled), **res})
-            log(f"random seed {seed} round {r_i}: {len(labeled)} labelled -> Dice {res['dice']:.3f}")
-        curves[f"random (seed {seed})"] = curve
-
-    # full-data reference: the 100 % point of the curves, or one extra training
-    full = next((pt["dice"] for cv in curves.values() for pt in cv if pt["n_labeled"] == n), None)
-    if full is None:
-        res = train_eval("full", keys)
-        full = res["dice"]
-    target = 0.95 * full if full is not None and not math.isnan(full) else None
-
-    # ----------------------------------------------------------------------------------------------------- report
-    rand = [cv for name, cv in curves.items() if name.startswith("random")]
-    fr = steps
-    rand_mean = [float(np.nanmean([cv[i]["dice"] for cv in rand])) for i in range(len(fr))] if rand else []
-    rand_std = [float(np.nanstd([cv[i]["dice"] for cv in rand])) for i in range(len(fr))] if rand else []
-    unc = curves.get("uncertainty (app strategy)")
-    need_u = fraction_needed([p["fraction"] for p in unc], [p["dice"] for p in unc], target) if unc and target else None
-    need_r = fraction_needed(fr, rand_mean, target) if rand and target else None
-    rep.results.update(curves=curves, full_data_dice=full, target_dice=target, fraction_needed_uncertainty=need_u,
-                       fraction_needed_random=need_r, random_mean=rand_mean, random_std=rand_std, steps=steps,
-                       counts=counts, app_error=app_error, scoring_seconds=t_scoring,
-                       settings={"bundle": bundle.name, "variant": args.variant, "budget_seconds": args.budget_seconds,
-                                 "budget_clock": args.budget_clock, "threads": args.threads,
-                                 "seeds": args.seeds, "scoring_samples": args.scoring_samples, "overrides": extra},
-                       data={"name": data.name, "datalist": str(data.datalist), "n_pool": n, "n_test": len(test_items)})
-    rep.h2("Setup")
-    rep.bullets([
-        f"Bundle `{bundle.name}` variant `{args.variant}`; pool = {n} training items of {data.name}; {len(val_items)} "
-        f"validation items (checkpoint choice) and {len(test_items)} test items (reported Dice, {args.eval_samples} pass).",
-        f"Rounds: {', '.join(f'{f:g}%' for f in steps)} labelled ({', '.join(map(str, counts))} items); every round "
-        f"retrains from random initialisation for **{args.budget_seconds:.0f} {budget_words(args.budget_clock)}** (the bundle's "
-        "train config via monai.bundle).",
-        f"Uncertainty: the app's `UncertaintyScoring` ({args.scoring_samples} passes, prompt = caption) + `MostUncertain` "
-        f"(score `vlseg_uncertainty_top5`), one pick at a time. Random: {args.seeds} seed(s); seed 0 shares the "
-        "initial labelled set with the uncertainty run.",
-    ])
-    if app_error:
-        rep.p(f"**Uncertainty strategy not run:** {app_error}")
-    headers = ["labelled %", "items"] + list(curves) + (["random mean ± std"] if rand else [])
-    rows = []
-    for i, f in enumerate(fr):
-        row = [f"{f:g}", counts[i]]
-        for cv in curves.values():
-            row.append(cv[i]["dice"] if i < len(cv) else None)
-        if rand:
-            row.append(f"{rand_mean[i]:.3f} ± {rand_std[i]:.3f}")
-        rows.append(row)
-    rep.h2("Test Dice per round")
-    rep.table(headers, rows)
-    series, bands = {}, {}
-    if unc:
-        series["uncertainty (app strategy)"] = ([p["fraction"] for p in unc], [p["dice"] for p in unc])
-    if rand:
-        series[f"random (mean of {len(rand)})"] = (fr, rand_mean)
-        bands[f"random (mean of {len(rand)})"] = rand_std
-    if series:
-        line_plot(out / "active_learning.png", series, "labelled fraction of the training set (%)", "test Dice",
-                  f"Active learning ({bundle.name}, {args.budget_seconds:.0f} {budget_unit(args.budget_clock)} per round)", bands=bands,
-                  hlines={"95% of full-data Dice": target} if target else None)
-        rep.image(out / "active_learning.png", "Test Dice against the labelled fraction (band: ± std over random seeds)")
-    rep.h2("Labelling saved")
-    if target is None:
-        rep.p("No full-data Dice (the run stopped before 100 % and no full training succeeded).")
-    else:
-        def say(v):
-            return f"{v:.1f} %" if v is not None else f"not reached by {fr[-1]:g} %"
-
-        txt = (f"Full-data Dice {full:.3f} -> target 95 % = {target:.3f}. Uncertainty strategy reaches it at "
-               f"{say(need_u)} labelled, random (mean) at {say(need_r)}.")
-        if need_u is not None and need_r is not None:
-            txt += f" **Saving: {need_r - need_u:.1f} percentage points of the training set " \
-                   f"({(need_r - need_u) / 100 * n:.0f} images, {100 * (need_r - need_u) / need_r:.0f} % fewer labels).**"
-        rep.p(txt)
-    rep.p(f"Time in the app's scoring: {t_scoring:.0f} s in total.")
-    path = rep.write()
-    log(f"report: {path}")
-    return 0
+    if res["comparison"]:
+        res["plot"] = learning_curve_plot(out / "active_learning.png", plan["counts"], res["comparison"],
+                                          len(plan["pool"]), title, res["target_dice"], res["full_data_dice"]).name
+    res["run_wall_s"] = round(time.time() - t_start, 1)
+    rep.results.update(res)
+    write_report(rep, res)
+    if failed:
+        rep.p("**Failed jobs** (re-run the command to retry them): "
+              + "; ".join(f"{j}: {e[:300]}" for j, e in failed.items()))
+    log(f"report: {rep.write()}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

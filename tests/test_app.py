@@ -366,7 +366,7 @@ def test_uncertain_segments_drawn_and_stripped_on_save(server):
     assert set(np.unique(sent)) <= {0, 1, 129, 255} and set(np.unique(sent)) & {129, 255}
     assert {n: v for n, v in p["label_names"].items() if v > 128} == p["uncertain_segments"]["segments"]
     try:
-        client.save_label("train_0002", label_file, tag="final", params={"text": "polyp"})
+        client.save_label("train_0002", label_file, tag="final", params={"text": "polyp", "uncertain_segments": True})
         stored = _png(client.download_label("train_0002", "final"))
         assert set(np.unique(stored)) <= {0, 1}
         assert np.array_equal(stored == 1, (sent == 1) | (sent == 129))

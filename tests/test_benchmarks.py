@@ -66,10 +66,11 @@ def _script(name: str):
 
 
 def test_fraction_needed_interpolates():
-    al = _script("benchmark_active_learning")
-    assert al.fraction_needed([10, 20, 30], [0.5, 0.7, 0.9], 0.8) == pytest.approx(25.0)
-    assert al.fraction_needed([10, 20], [0.9, 0.95], 0.8) == 10
-    assert al.fraction_needed([10, 20], [0.5, 0.6], 0.8) is None
+    from vlseg.bench.al_report import labels_to_reach
+
+    assert labels_to_reach([10, 20, 30], [0.5, 0.7, 0.9], 0.8) == pytest.approx(25.0)
+    assert labels_to_reach([10, 20], [0.9, 0.95], 0.8) == 10
+    assert labels_to_reach([10, 20], [0.5, 0.6], 0.8) is None
 
 
 def test_summary_merges_runs_part_by_part(tmp_path):
@@ -281,13 +282,17 @@ def test_uncertainty_quick_metrics_in_range(quick_reports):
 @pytest.mark.slow
 def test_active_learning_quick_uses_the_app_strategy(quick_reports):
     res = _results(quick_reports, "active_learning")
-    assert res["app_error"] is None, res["app_error"]
-    unc = res["curves"]["uncertainty (app strategy)"]
-    assert [p["n_labeled"] for p in unc] == res["counts"]
-    assert unc[0]["scored"] > 0  # the app's scoring ran on the unlabelled pool
-    assert any(k.startswith("random") for k in res["curves"])
-    assert res["curves"]["random (seed 0)"][0].get("reused") is True  # seed 0 starts from the uncertainty run's set
-    assert res["full_data_dice"] is not None
+    assert res["failed_jobs"] == {}, res["failed_jobs"]
+    arms = res["settings"]["arms"]
+    assert set(arms) == {"random", "uncertainty", "diverse"} and res["settings"]["word"] == "polyp"
+    assert res["gate"]["split"] == "validation" and res["gate"]["score"]
+    for arm in arms:
+        first = res["rounds"][f"{arm}:0"]["1"]
+        assert first["warm_start"] is True and len(first["added"]) >= 1
+        if arm != "random":
+            assert first["scored"] > 0  # the app's scoring ran on the unlabelled pool
+    assert res["full_data_dice"] is not None and "verdict" in res["regime"]
+    assert set(res["comparison"]) == set(arms)
 
 
 def test_subsets_and_item_keys(bench_demo):

@@ -13,10 +13,10 @@ import pytest
 APP = Path(__file__).resolve().parents[1] / "apps" / "vlseg"
 sys.path.insert(0, str(APP))
 
-from lib.datastore import strip_uncertain_label  # noqa: E402
 from lib.uncertain_segments import (  # noqa: E402
     add_uncertain_segments,
     parse_threshold,
+    strip_uncertain_label,
     strip_uncertain_segments,
     strip_uncertain_values,
     uncertain_labels,
@@ -68,7 +68,7 @@ def test_strip_by_name_follows_the_viewers_own_values():
     assert kept == [{"name": "polyp", "idx": 3}] and np.array_equal(label, only)
 
 
-def test_saved_label_file_is_stripped_png_and_nifti(tmp_path):
+def test_saved_label_is_stripped_into_a_copy_png_and_nifti(tmp_path):
     import nibabel as nib
     from PIL import Image
 
@@ -76,20 +76,33 @@ def test_saved_label_file_is_stripped_png_and_nifti(tmp_path):
     sent = add_uncertain_segments(mask, unc, 0.5)
     png = tmp_path / "label.png"
     Image.fromarray(sent).save(png)
-    info = strip_uncertain_label(str(png), {"text": "polyp"})
-    assert np.array_equal(np.asarray(Image.open(png)), mask) and info == {"text": "polyp"}
+    original = png.read_bytes()
+    # no segment names and no flag: nothing is stripped (an ordinary 0/255 mask must keep its 255s)
+    assert strip_uncertain_label(str(png), {"text": "polyp"}) == (str(png), {"text": "polyp"})
+    # by value only on request
+    out, info = strip_uncertain_label(str(png), {"text": "polyp", "uncertain_segments": True})
+    assert out != str(png) and info == {"text": "polyp"} and png.read_bytes() == original  # caller's file untouched
+    assert np.array_equal(np.asarray(Image.open(out)), mask)
+    # by name (3D Slicer), NIfTI
     nii = tmp_path / "label.nii.gz"
     nib.save(nib.Nifti1Image(sent[:, :, None], np.eye(4)), str(nii))
     segs = json.dumps([{"name": "polyp", "idx": 1}, {"name": "cyst", "idx": 2}, {"name": "polyp (uncertain)", "idx": 129},
                        {"name": "cyst (uncertain)", "idx": 130}, {"name": "uncertain", "idx": 255}])
-    info = strip_uncertain_label(str(nii), {"label_info": segs})
-    assert np.array_equal(np.asarray(nib.load(str(nii)).dataobj)[:, :, 0], mask)
+    out, info = strip_uncertain_label(str(nii), {"label_info": segs})
+    assert out.endswith(".nii.gz") and np.array_equal(np.asarray(nib.load(out).dataobj)[:, :, 0], mask)
     assert [s["name"] for s in info["label_info"]] == ["polyp", "cyst"]
-    plain = tmp_path / "plain.png"
-    Image.fromarray(mask).save(plain)
-    before = plain.read_bytes()
-    strip_uncertain_label(str(plain), {"text": "polyp"})
-    assert plain.read_bytes() == before  # a label without such segments is not rewritten
+    assert np.array_equal(np.asarray(nib.load(str(nii)).dataobj)[:, :, 0], sent)
+
+
+def test_binary_255_mask_is_never_emptied(tmp_path):
+    from PIL import Image
+
+    mask = np.zeros((6, 6), np.uint8)
+    mask[1:4, 1:4] = 255
+    png = tmp_path / "mask.png"
+    Image.fromarray(mask).save(png)
+    out, _ = strip_uncertain_label(str(png), {"text": "polyp"})
+    assert out == str(png) and np.array_equal(np.asarray(Image.open(out)), mask)
 
 
 @pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("false", None), ("true", 0.5), ("0.3", 0.3),

@@ -23,10 +23,10 @@ from monailabel.datastore.local import LocalDatastore
 
 from lib import imageio
 from lib.params import RequestError, check_prompt, http_error
-from lib.uncertain_segments import OFFSET, is_uncertain_name, strip_uncertain_segments, strip_uncertain_values
+from lib.uncertain_segments import strip_uncertain_label
 from vlseg.text.prompts import PromptError, validate_segment_prompt
 
-__all__ = ["PromptCheckingDatastore", "check_label_shape", "check_label_info", "strip_uncertain_label"]
+__all__ = ["PromptCheckingDatastore", "check_label_shape", "check_label_info"]
 
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -50,53 +50,6 @@ def check_label_shape(image_path: str, label_path: str) -> None:
         raise RequestError(f"cannot read the label: {type(e).__name__}: {e}") from None
     if lshape != tuple(s for s in shape if s != 1) and lshape != shape:
         raise RequestError(f"label does not fit the image: label shape {lshape}, image shape {shape}")
-
-
-def strip_uncertain_label(label_filename: str, info: dict | None) -> dict:
-    """A final label sent back with the extra uncertainty segments of :mod:`lib.uncertain_segments`: those segments
-    are stripped from the file (rewritten in place: PNG or NIfTI) and from the info's ``label_info``, by name, or by
-    value when the label carries no segment names. Other formats and labels without such segments are untouched."""
-    info = dict(info or {})
-    segments = info.get("label_info")
-    if isinstance(segments, str):
-        try:
-            segments = json.loads(segments)
-        except ValueError:
-            return info  # check_label_info reports it
-    named = isinstance(segments, list) and any(isinstance(s, dict) and is_uncertain_name(s.get("name", ""))
-                                               for s in segments)
-    lower = label_filename.lower()
-    try:
-        if lower.endswith(".png"):
-            from PIL import Image
-
-            with Image.open(label_filename) as img:
-                mode, array = img.mode, np.asarray(img)
-            if array.ndim != 2:
-                return info
-        elif lower.endswith((".nii", ".nii.gz")):
-            import nibabel as nib
-
-            nii = nib.load(label_filename)
-            array = np.asarray(nii.dataobj)
-        else:
-            return info
-    except Exception:  # noqa: BLE001 - an unreadable label is reported by check_label_shape
-        return info
-    if named:
-        stripped, segments = strip_uncertain_segments(array, segments)
-        info["label_info"] = segments
-    elif not (isinstance(segments, list) and segments) and (array > OFFSET).any():
-        stripped = strip_uncertain_values(array)
-    else:
-        return info
-    if lower.endswith(".png"):
-        from PIL import Image
-
-        Image.fromarray(stripped.astype(array.dtype), mode=mode).save(label_filename, format="PNG")
-    else:
-        nib.save(nib.Nifti1Image(stripped.astype(array.dtype), nii.affine, nii.header), label_filename)
-    return info
 
 
 def check_label_info(info: dict | None, label_tag: str = "final") -> dict:
@@ -140,14 +93,21 @@ class PromptCheckingDatastore(LocalDatastore):
                 raise RequestError(f"invalid label tag {label_tag!r}: letters, digits, '_' and '-' only")
             if not isinstance(image_id, str) or not self._datastore.objects.get(image_id):
                 raise RequestError(f"image {image_id!r} is not in the datastore", status=404)
-            if label_tag == "final":
-                label_info = strip_uncertain_label(label_filename, label_info)
+            stored = label_filename
+            if label_tag == "final":  # a stripped copy: the caller's file is never changed
+                stored, label_info = strip_uncertain_label(label_filename, label_info)
             info = check_label_info(label_info, label_tag)
-            check_label_shape(self.get_image_uri(image_id), label_filename)
+            check_label_shape(self.get_image_uri(image_id), stored)
         except RequestError as e:
             imageio.discard_upload(label_filename)
+            if stored != label_filename:
+                os.remove(stored)
             raise http_error(e) from None
-        return super().save_label(image_id, label_filename, label_tag, info)
+        try:
+            return super().save_label(image_id, stored, label_tag, info)
+        finally:
+            if stored != label_filename:
+                os.remove(stored)
 
     def _update_datastore_file(self, lock=True):
         """MONAI Label rewrites ``datastore_v2.json`` in place; a process killed mid-write (a scoring run, the

@@ -36,7 +36,8 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.dicom import dicom_web_download_series
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.datastore import check_label_info, strip_uncertain_label
+from lib.datastore import check_label_info
+from lib.uncertain_segments import strip_uncertain_label
 from lib.imageio import discard_upload
 from lib.params import RequestError, http_error
 from vlseg.dicom.seg_prompts import prompts_from_seg, seg_label_info, segment_prompts
@@ -195,12 +196,16 @@ class VlsegDICOMWebDatastore(DICOMWebDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any],
                    label_id: str = "") -> str:
         if label_tag == DefaultLabelTag.FINAL:
+            stored, label_info = strip_uncertain_label(label_filename, label_info)  # a copy when stripped
             try:
-                label_info = check_label_info(strip_uncertain_label(label_filename, label_info), label_tag)
+                label_info = check_label_info(label_info, label_tag)
+                return self._save_final(image_id, stored, label_info)
             except RequestError as e:
                 discard_upload(label_filename)
                 raise http_error(e) from None
-            return self._save_final(image_id, label_filename, label_info)
+            finally:
+                if stored != label_filename and os.path.exists(stored):
+                    os.remove(stored)
         label_id = LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         if label_tag == self.uncertainty_tag and self.publish_uncertainty:
             try:

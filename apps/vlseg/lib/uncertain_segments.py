@@ -10,16 +10,20 @@ Viewers name and colour segments from the answer's ``label_names`` / the model's
 uncertain rim and the possibly missed areas appear as their own segments over the image. When the label comes back
 (*Submit Label*), the extra segments are stripped **by name**: ``"<class> (uncertain)"`` pixels go back to
 ``<class>`` and ``"uncertain"`` pixels to background, so nothing the annotator kept is lost and no uncertainty is
-trained as a class. A label without segment names is stripped by value (values above 128 are reserved for this).
+trained as a class. A label without segment names (the HTTP API) is stripped by value only when it is saved with
+``uncertain_segments: true`` in its params: an ordinary 0/255 mask must never lose its 255s.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["OFFSET", "BACKGROUND_VALUE", "BACKGROUND_NAME", "SUFFIX", "parse_threshold", "uncertain_labels",
+__all__ = ["strip_uncertain_label", "OFFSET", "BACKGROUND_VALUE", "BACKGROUND_NAME", "SUFFIX", "parse_threshold", "uncertain_labels",
            "add_uncertain_segments", "strip_uncertain_values", "strip_uncertain_segments", "is_uncertain_name"]
 
 OFFSET = 128
@@ -113,3 +117,64 @@ def strip_uncertain_segments(label: np.ndarray, segments: list[dict]) -> tuple[n
             kept.append(seg)
     kept.extend(renamed.values())
     return out, kept
+
+
+def _read_label(path: str):
+    """``(array, writer)`` of a 2D PNG or NIfTI label; None for other formats or an unreadable file."""
+    lower = path.lower()
+    try:
+        if lower.endswith(".png"):
+            from PIL import Image
+
+            with Image.open(path) as img:
+                mode, array = img.mode, np.asarray(img)
+            if array.ndim != 2:
+                return None
+
+            def write(a, out):
+                Image.fromarray(a.astype(array.dtype), mode=mode).save(out, format="PNG")
+
+            return array, write, ".png"
+        if lower.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            nii = nib.load(path)
+
+            def write(a, out):
+                nib.save(nib.Nifti1Image(a.astype(nii.get_data_dtype()), nii.affine, nii.header), out)
+
+            return np.asarray(nii.dataobj), write, ".nii.gz" if lower.endswith(".gz") else ".nii"
+    except Exception:  # noqa: BLE001 - an unreadable label is reported by the shape check that follows
+        return None
+    return None
+
+
+def strip_uncertain_label(label_filename: str, info: dict | None) -> tuple[str, dict]:
+    """``(file to store, info)`` for a final label that may carry the extra segments: stripped by name when its
+    ``label_info`` names them, by value only when ``info["uncertain_segments"]`` is true; the stripped label goes
+    to a NEW temporary file (the caller removes it), the caller's file is never changed. Otherwise the file and the
+    info come back as they are."""
+    info = dict(info or {})
+    segments = info.get("label_info")
+    if isinstance(segments, str):
+        try:
+            segments = json.loads(segments)
+        except ValueError:
+            return label_filename, info  # the prompt check reports it
+    named = isinstance(segments, list) and any(isinstance(s, dict) and is_uncertain_name(s.get("name", ""))
+                                               for s in segments)
+    by_value = str(info.pop("uncertain_segments", "")).strip().lower() in ("true", "1", "yes")
+    if not (named or by_value):
+        return label_filename, info
+    read = _read_label(label_filename)
+    if read is None:
+        return label_filename, info
+    array, write, suffix = read
+    if named:
+        stripped, info["label_info"] = strip_uncertain_segments(array, segments)
+    else:
+        stripped = strip_uncertain_values(array)
+    fd, out = tempfile.mkstemp(prefix="vlseg_label_", suffix=suffix)
+    os.close(fd)
+    write(stripped, out)
+    return out, info
