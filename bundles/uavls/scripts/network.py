@@ -11,7 +11,6 @@ Calling convention shared by all vlseg bundles::
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from scripts.convnext_weights import convnext_key_map
 from scripts.modab import MoDAB
 from vlseg.nets.common import as_token_tensor, freeze
+from vlseg.nets.feature_cache import FeatureCacheMixin, TensorLRU, cached_rows
 from vlseg.text.encoders import build_text_encoder
 from vlseg.text.vocab import check_tokenizer_matches
 from vlseg.weights import WeightsTarget, as_flag, fetch_command, load_pretrained, missing_weights
@@ -70,9 +70,10 @@ class TextEncoder(nn.Module):
 
     Frozen unless ``trainable``; while frozen it stays in eval mode, runs without autograd and its dropout
     probabilities are set to 0, so Monte-Carlo dropout never perturbs it. A frozen encoder is a fixed function
-    of the token ids, so its outputs are memoised per prompt (``cache_size`` most recent prompts): the same
-    numbers, computed once per distinct prompt instead of once per batch. The memo is cleared whenever the
-    weights or the device change (``load_state_dict``, ``.to()``).
+    of the token ids, so its outputs are memoised per prompt in a :class:`vlseg.nets.feature_cache.TensorLRU`
+    (at most ``cache_size`` prompts and ``cache_mb`` MiB; either 0 switches it off): the same numbers, computed once
+    per distinct prompt instead of once per batch. Keys hold the weights' version, and the memo is cleared whenever
+    the weights or the device change (``load_state_dict``, ``.to()``).
 
     ``weights`` / ``require`` / ``config_key`` / ``fetch``: CXR-BERT's local file (upstream ``bert.*`` layout, loaded
     strictly by :func:`vlseg.text.encoders.build_text_encoder`; see :func:`vlseg.weights.load_pretrained`).
@@ -80,7 +81,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, spec: str = "cxr-bert", weights: str | None = None, trainable: bool = False,
                  config_overrides: dict | None = None, cache_size: int = 2048, require: bool = False,
-                 config_key: str = "text_weights", fetch: str | None = None):
+                 config_key: str = "text_weights", fetch: str | None = None, cache_mb: float = 128.0):
         super().__init__()
         self.encoder = build_text_encoder(spec, weights=weights, config_overrides=config_overrides, require=require,
                                           config_key=config_key, fetch=fetch or fetch_command(BUNDLE))
@@ -93,7 +94,7 @@ class TextEncoder(nn.Module):
         if trainable and self.pretrained:
             logger.info("text encoder %s has pretrained weights: it stays frozen (train_encoders ignored)", spec)
         self.cache_size = int(cache_size)
-        self._cache: OrderedDict = OrderedDict()
+        self._cache = TensorLRU(cache_mb, max_entries=self.cache_size, name="uavls text states")
         freeze(self.encoder, frozen=not self.trainable)
         if not self.trainable:
             for m in self.encoder.modules():
@@ -121,22 +122,9 @@ class TextEncoder(nn.Module):
             mask = torch.ones_like(ids)
         if self.trainable:
             return self.encoder(ids, mask)
-        if self.cache_size <= 0:
-            with torch.no_grad():
-                return self.encoder(ids, mask)
-        keys = [(tuple(i), tuple(m)) for i, m in zip(ids.tolist(), mask.tolist())]
-        missing = sorted({k for k in keys if k not in self._cache})
-        if missing:
-            rows = [keys.index(k) for k in missing]
-            with torch.no_grad():
-                states = self.encoder(ids[rows], mask[rows])
-            for k, st in zip(missing, states):
-                self._cache[k] = st.clone()  # own storage: a cached row must not pin the whole batch
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        for k in keys:
-            self._cache.move_to_end(k)
-        return torch.stack([self._cache[k] for k in keys])
+        with torch.no_grad():  # one row per prompt: (ids, mask) stacked
+            return cached_rows(self._cache, "text", lambda im: self.encoder(im[:, 0], im[:, 1]),
+                               torch.stack([ids, mask.to(ids.dtype)], dim=1), self.encoder)
 
 
 class DecoderStage(nn.Module):
@@ -167,7 +155,7 @@ class SubpixelHead(nn.Module):
         return self.out(self.subpixel(x))
 
 
-class UAVLS(nn.Module):
+class UAVLS(FeatureCacheMixin, nn.Module):
     """UA-VLS (Das et al., WACV 2026): text-prompted binary segmentation, ``(image, ids, mask) -> logits``.
 
     Args:
@@ -187,6 +175,10 @@ class UAVLS(nn.Module):
         num_heads, attn_drop, proj_drop, cross_attn_drop, alpha_init, qk_norm: MoDAB settings.
         ssmix: SSMix keyword arguments (d_state, d_conv, expand, use_kernel, delta_bias_twice, ...).
         subpixel_channels: channels after pixel shuffle (24). out_channels: 1 (foreground logit).
+        feature_cache_mb: MiB for the image encoder's outputs (eq. 1), cached per image content and weights
+            version (:mod:`vlseg.nets.feature_cache`) and served only while the encoder is deterministic (eval mode,
+            no autograd): a second prompt on the same image, or the 2nd..S-th Monte-Carlo dropout pass, reuses
+            them. 0 = off (the training configs). text_cache_mb: MiB for the frozen text states memo (per prompt).
     """
 
     def __init__(self, image_encoder: str = "convnext_tiny", image_encoder_kwargs: dict | None = None,
@@ -195,8 +187,10 @@ class UAVLS(nn.Module):
                  require_pretrained: bool = False, train_text_encoder: bool = False, text_tokens: int = 24,
                  decoder_tokens=(24, 12, 9), num_heads: int = 4, attn_drop: float = 0.1, proj_drop: float = 0.1,
                  cross_attn_drop: float = 0.1, alpha_init: float = 1.421, qk_norm: bool = True,
-                 ssmix: dict | None = None, subpixel_channels: int = 24, out_channels: int = 1):
+                 ssmix: dict | None = None, subpixel_channels: int = 24, out_channels: int = 1,
+                 feature_cache_mb: float = 0.0, text_cache_mb: float = 128.0):
         super().__init__()
+        self.init_feature_cache(feature_cache_mb, name="uavls image features")
         require = as_flag(require_pretrained)
         fetch = fetch_command(BUNDLE)
         checks = [(image_weights, f"UA-VLS image encoder ({image_encoder})", "image_weights")]
@@ -208,7 +202,7 @@ class UAVLS(nn.Module):
         self.image_encoder = ImageEncoder(image_encoder, image_weights, require=require, fetch=fetch,
                                           **(image_encoder_kwargs or {}))
         self.text_encoder = TextEncoder(text_encoder, text_weights, train_text_encoder, text_encoder_overrides,
-                                        require=require, fetch=fetch)
+                                        require=require, fetch=fetch, cache_mb=text_cache_mb)
         check_tokenizer_matches(tokenizer or text_encoder, self.text_encoder.encoder.vocab_fingerprint, text_encoder)
         self.text_tokens = int(text_tokens)
         ch = self.image_encoder.channels  # e.g. [96, 192, 384, 768]
@@ -238,7 +232,7 @@ class UAVLS(nn.Module):
             raise ValueError("UA-VLS needs a text prompt (token ids); an empty prompt is not defined by the method")
         if image.shape[-1] % 32 or image.shape[-2] % 32:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of 32")
-        feats = self.image_encoder(image)  # eq. 1
+        feats = cached_rows(self.feature_cache, "image", self.image_encoder, image, self.image_encoder)  # eq. 1
         text = self.encode_text(text_ids, text_mask, image.shape[0], image.device).to(feats[0].dtype)
         x = feats[3]
         for m, stage in enumerate(self.decoders):

@@ -14,20 +14,24 @@ AND the KL term), more samples and ``map_from "final"`` (capacity after all upda
 :func:`m2ib_capacity` is the per-image optimisation (10 Adam steps at lr 1, alpha initialised to 5),
 :func:`saliency_from_capacity` turns the capacity into the initial attribution map ``A_init`` (channels summed,
 class token dropped, reshaped to the patch grid, resized, min-max normalised), and :class:`M2IBPrompter` runs both
-on a CLIP model, with an in-memory LRU cache (and an optional on-disk cache) keyed by image content, prompt tokens,
-the M2IB settings and a fingerprint of the CLIP weights, so repeated epochs / inference do not recompute maps.
+on a CLIP model, with an in-memory LRU cache bounded in entries and bytes (and an optional on-disk cache) keyed by
+image content, prompt tokens, the M2IB settings and a fingerprint of the CLIP weights (the only part of the checkpoint
+a map depends on), so repeated epochs / inference do not recompute maps. With a ``feature_cache`` (the network's
+:class:`vlseg.nets.feature_cache.TensorLRU`) CLIP's vision tokens (per image) and text embedding (per prompt) are
+cached too, so a new prompt on a seen image only pays for the optimisation itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from vlseg.nets.feature_cache import TensorLRU, cached_rows
 
 from .clip import CLIPTowers
 
@@ -117,7 +121,9 @@ class M2IBPrompter:
         layer: vision block after which the bottleneck sits (7 upstream, 0-based like the public code).
         beta, noise_var, steps, lr, n_samples, alpha_init, map_from: M2IB settings (public code: 2, None, 10, 1,
             1, 5, "last_forward"; see :func:`m2ib_capacity`).
-        cache_size: entries of the in-memory LRU cache (0 disables it).
+        cache_size / cache_mb: entries / MiB of the in-memory LRU cache of maps (either 0 disables it).
+        feature_cache: optional :class:`TensorLRU` for CLIP's vision tokens and text embeddings (deterministic,
+            prompt- resp. image-independent parts), keyed by content and the CLIP weights' version.
         cache_dir: optional folder for an on-disk cache (one small ``.pt`` per map).
         seed: seeds the per-image noise (derived from the cache key), so a map does not depend on the batch
             it is computed in, nor on the global random state.
@@ -126,7 +132,8 @@ class M2IBPrompter:
     def __init__(self, clip: CLIPTowers, layer: int = 7, beta: float = 2.0, noise_var: float | None = None,
                  steps: int = 10, lr: float = 1.0, n_samples: int = 1, alpha_init: float = 5.0,
                  map_from: str = "last_forward", cache_size: int = 4096,
-                 cache_dir: str | None = None, seed: int = 0):
+                 cache_dir: str | None = None, seed: int = 0, cache_mb: float = 64.0,
+                 feature_cache: TensorLRU | None = None):
         if not 0 <= int(layer) < clip.depth:
             raise ValueError(f"m2ib layer {layer} outside the CLIP vision tower (depth {clip.depth})")
         self.clip = clip
@@ -139,7 +146,8 @@ class M2IBPrompter:
         self.cache_size = int(cache_size)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = int(seed)
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache = TensorLRU(cache_mb, max_entries=self.cache_size, name="m2ib maps")
+        self.feature_cache = feature_cache
         self._fp_versions: int | None = None
         self._fp: str = ""
         self.stats = {"hits": 0, "misses": 0}
@@ -174,9 +182,9 @@ class M2IBPrompter:
         return keys
 
     def _get(self, key: str) -> torch.Tensor | None:
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        val = self._cache.get(key)
+        if val is not None:
+            return val
         if self.cache_dir is not None:
             f = self.cache_dir / f"{key}.pt"
             if f.is_file():
@@ -189,11 +197,7 @@ class M2IBPrompter:
         return None
 
     def _put(self, key: str, val: torch.Tensor, to_disk: bool = True) -> None:
-        if self.cache_size > 0:
-            self._cache[key] = val
-            self._cache.move_to_end(key)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        self._cache.put(key, val)
         if to_disk and self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_dir / f"{key}.tmp{id(val)}"
@@ -221,8 +225,11 @@ class M2IBPrompter:
             self.clip.eval()
             try:
                 with torch.no_grad():
-                    tok = tokens[todo].detach() if tokens is not None else self.clip.tokens_at(pix[todo], self.layer)
-                    temb = text_emb[todo].detach() if text_emb is not None else self.clip.encode_text(ids[todo])
+                    tok = tokens[todo].detach() if tokens is not None else cached_rows(
+                        self.feature_cache, ("clip_tokens", self.layer), lambda p: self.clip.tokens_at(p, self.layer),
+                        pix[todo], self.clip)
+                    temb = text_emb[todo].detach() if text_emb is not None else cached_rows(
+                        self.feature_cache, "clip_text", self.clip.encode_text, ids[todo], self.clip)
                 gens = []
                 for i in todo:
                     g = torch.Generator()

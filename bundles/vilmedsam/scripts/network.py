@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from vlseg.inferers import mc_dropout
 from vlseg.nets.common import as_token_tensor, count_parameters, freeze, trainable_parameters
+from vlseg.nets.feature_cache import FeatureCacheMixin, cached_rows
 
 from vlseg.weights import missing_weights
 
@@ -38,7 +39,7 @@ logger = logging.getLogger("vlseg.vilmedsam")
 __all__ = ["SimpleViLMedSAM"]
 
 
-class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
+class SimpleViLMedSAM(FeatureCacheMixin, PretrainedAwareState, nn.Module):
     """See the module docstring and ``docs/README.md``.
 
     Args:
@@ -53,7 +54,12 @@ class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
         tokenizer: the config's tokenizer spec, checked against the CLIP text tower (None: not checked).
         m2ib_*: M2IB settings (public code: layer 7, beta 2, sigma 1, 10 Adam steps at lr 1, 1 noise sample per
             step, map from the last forward pass; see :func:`scripts.m2ib.m2ib_capacity`).
-        m2ib_cache_size / m2ib_cache_dir: in-memory LRU size and optional on-disk cache folder.
+        m2ib_cache_size / m2ib_cache_mb / m2ib_cache_dir: in-memory LRU bounds of the M2IB maps (entries, MiB; either
+            0 switches it off) and an optional on-disk cache folder; keys hold a fingerprint of the CLIP weights.
+        feature_cache_mb: MiB for the SAM image embedding, CLIP's vision tokens at the M2IB layer (both per image
+            content) and CLIP's text embedding (per prompt), keyed by the weights' version and served only while the
+            part is deterministic (eval mode, no autograd; :mod:`vlseg.nets.feature_cache`): a second prompt on the
+            same image skips SAM. 0 = off (the training configs).
         affinity_scale / affinity_mean_factor: 3.0 and 1.2 of the refinement (public code).
         decoder_heads / decoder_mlp_dim / attention_downsample / decoder_mode: BID settings (8, 2048, 2, ``code``:
             the public code that produced the published numbers; ``paper``: the paper's Eq. 7-8).
@@ -69,7 +75,8 @@ class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
                  clip_text_config: str | None = None, tokenizer: str | None = None, require_pretrained: bool = False,
                  m2ib_layer: int = 7, m2ib_beta: float = 2.0, m2ib_noise_var: float | None = None,
                  m2ib_steps: int = 10, m2ib_lr: float = 1.0, m2ib_samples: int = 1, m2ib_map_from: str = "last_forward",
-                 m2ib_cache_size: int = 4096, m2ib_cache_dir: str | None = None, affinity_scale: float = 3.0,
+                 m2ib_cache_size: int = 4096, m2ib_cache_dir: str | None = None, m2ib_cache_mb: float = 64.0,
+                 feature_cache_mb: float = 0.0, affinity_scale: float = 3.0,
                  affinity_mean_factor: float = 1.2, decoder_heads: int = 8, decoder_mlp_dim: int = 2048,
                  attention_downsample: int = 2, decoder_mode: str = "code", dropout: float = 0.1,
                  train_encoders: bool | str = False, align: bool = False):
@@ -77,6 +84,7 @@ class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
         if train_encoders not in (True, False, "auto"):
             raise ValueError(f"train_encoders must be true, false or 'auto', got {train_encoders!r}")
         require = bool(require_pretrained)
+        self.init_feature_cache(feature_cache_mb, name="vilmedsam features")
         if require:  # fail fast, before building a 600 M-parameter encoder
             clip_files = required_clip_files(clip_model, clip_pretrained, clip_config, clip_text_config)
             for path, target in [(sam_checkpoint, sam_weights_target(sam_variant))] + clip_files:
@@ -101,7 +109,8 @@ class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
         self.clip = CLIPTowers(clip_model_obj)
         self.prompter = M2IBPrompter(self.clip, layer=m2ib_layer, beta=m2ib_beta, noise_var=m2ib_noise_var,
                                      steps=m2ib_steps, lr=m2ib_lr, n_samples=m2ib_samples, map_from=m2ib_map_from,
-                                     cache_size=m2ib_cache_size, cache_dir=m2ib_cache_dir)
+                                     cache_size=m2ib_cache_size, cache_dir=m2ib_cache_dir, cache_mb=m2ib_cache_mb,
+                                     feature_cache=self.feature_cache)
         self.affinity_scale = float(affinity_scale)
         self.affinity_mean_factor = float(affinity_mean_factor)
         # --- BID decoder (Eq. 6-9)
@@ -172,6 +181,10 @@ class SimpleViLMedSAM(PretrainedAwareState, nn.Module):
         return ids
 
     def sam_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Eq. 1c, SAM's image embedding of ``image`` (0..255); cached per image while the encoder is deterministic."""
+        return cached_rows(self.feature_cache, "sam", self._sam_features, image, self.sam_encoder)
+
+    def _sam_features(self, image: torch.Tensor) -> torch.Tensor:
         x = image.float()
         if tuple(x.shape[-2:]) != (self.sam_image_size, self.sam_image_size):
             x = F.interpolate(x, size=(self.sam_image_size, self.sam_image_size), mode="bilinear", align_corners=False)
