@@ -218,8 +218,9 @@ def stack(tmp_path_factory):
 
         app = root / "app"
         shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+        # the demo series hold MR-like grey values stored as CT: the percentile window, not the CT soft-tissue one
         conf = {"bundles_dir": bundles, "variant": "tiny", "scoring_model": SCORING_MODEL, "scoring_samples": 2,
-                "scoring_prompts": "default", "train_epochs": 1}
+                "scoring_prompts": "default", "train_epochs": 1, "volume_window": "percentile"}
         t1 = time.time()
         server = start_server(app, orthanc.dicomweb, conf, log_path=root / "server.log", timeout=300, env={
             "MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "MONAI_LABEL_SESSIONS": "false",

@@ -23,6 +23,12 @@ Configuration (``--conf key value``):
                               is written (default 1073741824 = 1 GiB; also ``512M``, ``2G``; 0: no limit;
                               larger: 413)
 ``volume_axis``               axis along which NIfTI volumes are cut into 2D slices (default 2)
+``volume_batch``              volume slices per network batch (default 8; 0: one full bundle run per slice and
+                              prompt from a PNG, the older and much slower path; lib/infers/volume.py)
+``volume_window``             how volumes become 8-bit slices, for inference and training: ``auto`` (default: the
+                              CT window for CT series, known from DICOMweb; else the 0.5..99.5 percentile window),
+                              ``percentile``, ``ct``, or a fixed ``lo,hi``; a request's ``window`` overrides it
+``ct_window``                 the CT window in HU, ``lo,hi`` (default ``-160,240``: soft tissue, L 40 / W 400)
 ``uncertainty_tag``           datastore label tag of stored uncertainty maps (default ``uncertainty``)
 ``store_uncertainty``         store each uncertainty map in the datastore (default true)
 ``uncertain_segments``        extra label segments where the uncertainty is at or above a threshold, so OHIF and
@@ -81,11 +87,13 @@ from lib.datastore import PromptCheckingDatastore
 from lib.errors import install_request_error_handlers
 from lib.imageio import discard_upload, is_upload
 from lib.infers.text_bundle import TextBundleInferTask
+from lib.infers.volume import volume_batch_from_conf
 from lib.params import RequestError, parse_label_names, parse_score_name
 from lib.scoring.uncertainty import UncertaintyScoring
 from lib.trainers.text_bundle import TextBundleTrainTask
 from lib.uncertain_segments import parse_threshold
 from lib.web import install_annotation_page
+from lib.window import window_from_conf
 from vlseg.app_support.infer_queue import install_infer_queue, queue_from_conf
 from vlseg.app_support.upload_limit import DEFAULT_MAX_UPLOAD_BYTES, install_body_size_limit, parse_size
 from vlseg.app_support.bundles import BundleError, checkpoint_path, discover_bundles
@@ -109,6 +117,9 @@ class MyApp(MONAILabelApp):
         self.variant = conf.get("variant", "") or ""
         self.label_names = parse_label_names(conf.get("labels"))
         self.uncertainty_tag = conf.get("uncertainty_tag", "uncertainty")
+        # bad values stop the start-up with a message naming the key (lib/window.py, lib/infers/volume.py)
+        self.volume_window = window_from_conf(conf)
+        self.volume_batch = volume_batch_from_conf(conf)
         key = hashlib.sha1(os.path.realpath(studies).encode()).hexdigest()[:10] if not studies.startswith("http") else "remote"
         self.cache_dir = os.path.abspath(conf.get("cache_dir") or os.path.join(app_dir, "model", "vlseg", key))
         self.skipped: Dict[str, str] = {}
@@ -199,6 +210,8 @@ class MyApp(MONAILabelApp):
                     max_volume_voxels=int(self.conf.get("max_volume_voxels", 256_000_000)),
                     max_slices=int(self.conf.get("max_slices", 1024)),
                     volume_axis=int(self.conf.get("volume_axis", 2)),
+                    volume_batch=self.volume_batch,
+                    volume_window=self.volume_window,
                     datastore=self.datastore(),
                     uncertainty_tag=self.uncertainty_tag,
                     store_uncertainty=strtobool(self.conf.get("store_uncertainty", "true")),

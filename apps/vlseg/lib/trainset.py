@@ -13,7 +13,8 @@ For every image with a ``final`` label the prompt is taken from, in order:
 Labels without any prompt are skipped with a warning. Targets are written as binary PNG masks (0/255) in a cache
 folder so every bundle's ``BinarizeLabeld`` reads them the same way, whatever the viewer saved (class values,
 NIfTI from 3D Slicer). NIfTI volumes are cut into the 2D slices holding foreground, windowed exactly as for
-inference (:func:`lib.imageio.window_to_uint8`).
+inference: the same function (:func:`lib.window.window_volume`), setting (``--conf volume_window`` /
+``ct_window``, passed as ``window``) and modality lookup (DICOMweb series: CT gets the fixed CT window).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from lib import imageio
 from lib.params import RequestError, check_prompt
+from lib.window import VolumeWindow, image_modality, window_volume
 from vlseg.text.prompts import PromptError, validate_segment_prompt
 
 logger = logging.getLogger(__name__)
@@ -78,8 +80,10 @@ def _tag(*parts) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:10]
 
 
-def build_text_datalist(datastore, cache_dir, axis: int = 2) -> tuple[list[dict], list[str]]:
-    """``([{"image", "label", "text", "source", "image_id"}], warnings)`` for every labelled image."""
+def build_text_datalist(datastore, cache_dir, axis: int = 2,
+                        window: VolumeWindow | None = None) -> tuple[list[dict], list[str]]:
+    """``([{"image", "label", "text", "source", "image_id"}], warnings)`` for every labelled image; volume slices
+    are windowed with ``window`` (default: the app's default, ``auto``), as the infer tasks do."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     items: list[dict] = []
@@ -116,7 +120,8 @@ def build_text_datalist(datastore, cache_dir, axis: int = 2) -> tuple[list[dict]
                     items.append({"image": image_path, "label": str(out), "text": text, "source": source,
                                   "image_id": image_id})
             elif kind == "volume":
-                items.extend(_volume_items(image_id, image_path, label_path, checked, cache, axis, warnings))
+                items.extend(_volume_items(image_id, image_path, label_path, checked, cache, axis, warnings,
+                                           window, image_modality(datastore, image_id)))
             else:
                 warnings.append(f"{image_id}: unsupported image type; skipped")
         except (OSError, ValueError) as e:
@@ -126,14 +131,15 @@ def build_text_datalist(datastore, cache_dir, axis: int = 2) -> tuple[list[dict]
     return items, warnings
 
 
-def _volume_items(image_id, image_path, label_path, prompts, cache: Path, axis: int, warnings) -> list[dict]:
+def _volume_items(image_id, image_path, label_path, prompts, cache: Path, axis: int, warnings,
+                  window: VolumeWindow | None = None, modality: str | None = None) -> list[dict]:
     import nibabel as nib
 
     _, vol = imageio.load_volume(image_path)
     lab = np.squeeze(np.asarray(nib.load(label_path).dataobj))
     if lab.shape != vol.shape:
         raise ValueError(f"label shape {lab.shape} differs from the volume's {vol.shape}")
-    vol8 = imageio.window_to_uint8(vol)
+    vol8, _ = window_volume(vol, window, modality)
     lab = np.rint(lab).astype(np.int64)
     items = []
     stamp = _tag(label_path, os.path.getmtime(label_path))

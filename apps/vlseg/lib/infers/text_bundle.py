@@ -15,23 +15,24 @@ needs on top:
   bundle's decomposed maps (``mutual_information``, ``std``; tags ``uncertainty_mutual_information`` /
   ``uncertainty_std``; request ``uncertainty_maps`` picks which, see :mod:`lib.infers.outputs`) and a JSON block with
   model, prompt, samples, latency, uncertainty statistics and image scores (:mod:`vlseg.scores`) and the
-  checkpoint's identity;
-* NIfTI volumes are segmented slice by slice along ``axis`` with the 2D bundle; mask and uncertainty come back as
-  volumes on the input's grid and affine (uncertainty as float32).
+  checkpoint's identity (:mod:`lib.infers.answer`);
+* NIfTI volumes are windowed (:mod:`lib.window`: ``--conf volume_window`` / ``ct_window``, request ``window``)
+  and segmented slice-wise along ``axis`` with the 2D bundle, in batches of ``volume_batch`` slices
+  (:mod:`lib.infers.volume`; ``volume_batch 0``: one bundle run per slice and prompt from a PNG, the older path);
+  mask and uncertainty come back as volumes on the input's grid and affine (uncertainty as float32).
 
 Bad requests raise ``fastapi.HTTPException`` with a 4xx status and a readable message.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,29 +44,21 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.transform.post import Restored
 from monailabel.transform.pre import LoadImageTensord
+from monailabel.utils.others.generic import name_to_device
 
 from lib import imageio
-from lib.infers.outputs import deliver_map, map_tag, write_label, write_map
-from lib.uncertain_segments import OFFSET, add_uncertain_segments, parse_threshold, uncertain_labels
-from lib.params import (
-    PromptSpec,
-    RequestError,
-    check_config_values,
-    check_device,
-    check_model_filename,
-    check_prompt,
-    http_error,
-    parse_bool,
-    parse_int,
-    parse_map_names,
-    resolve_prompts,
-)
+from lib.infers import volume as volume_path
+from lib.infers.outputs import map_tag
+from lib.infers.prediction import Prediction, prompt_stats, to_numpy_2d
+from lib.infers.request import parse_request, user_error
+from lib.infers.answer import answer
+from lib.window import VolumeWindow, image_modality
+from lib.uncertain_segments import uncertain_labels
+from lib.params import PromptSpec, RequestError, check_prompt, http_error
 from vlseg.app_support.bundles import BundleError, checkpoint_identity, config_files, read_checkpoint_record
 from vlseg.app_support.checkpoints import checkpoint_mismatch
-from vlseg.data.transforms import ImageInputError, SelectPromptd
-from vlseg.text.prompts import PromptError
-from vlseg.scores import compute_scores
-from vlseg.uncertainty import EXTRA_MAP_NAMES, uncertainty_scores
+from vlseg.data.transforms import SelectPromptd
+from vlseg.uncertainty import EXTRA_MAP_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +66,7 @@ __all__ = ["TextBundleInferTask", "Prediction"]
 
 #: Request keys this task reads (others that MONAI Label or the viewers send are passed through unused).
 VLSEG_PARAMS = ("text", "label_prompt", "num_samples", "seed", "axis", "uncertainty_inline", "uncertainty_maps",
-                "result_extension", "uncertain_segments")
-
-
-@dataclass
-class Prediction:
-    """Mask (label values of the prompts), uncertainty map in [0, 1], the bundle's other maps and per-prompt
-    statistics."""
-
-    kind: str  # "2d" | "volume"
-    mask: np.ndarray  # uint8, row-major 2D [H, W] or the volume's voxel grid
-    uncertainty: np.ndarray  # float32, same shape
-    prompts: list[dict] = field(default_factory=list)
-    ref: Any = None  # nibabel image of a volume input
-    axis: int | None = None
-    maps: dict[str, np.ndarray] = field(default_factory=dict)  # "mutual_information", "std" (float32, same shape)
-
-    def all_maps(self) -> dict[str, np.ndarray]:
-        return {"uncertainty": self.uncertainty, **self.maps}
+                "result_extension", "uncertain_segments", "window")
 
 
 def _walk(transforms):
@@ -100,24 +76,6 @@ def _walk(transforms):
             yield t.load_image_d
         if isinstance(t, Compose):
             yield from _walk(t.transforms)
-
-
-def _user_error(e: BaseException | None) -> BaseException | None:
-    """The prompt / image error inside ``e`` (MONAI's Compose wraps transform errors in RuntimeError)."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, (PromptError, ImageInputError)):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
-def _to_numpy_2d(x) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    a = np.squeeze(a)
-    if a.ndim != 2:
-        raise RuntimeError(f"bundle output has shape {a.shape}; expected a single 2D map")
-    return a
 
 
 class TextBundleInferTask(BundleInferTask):
@@ -135,6 +93,8 @@ class TextBundleInferTask(BundleInferTask):
         max_volume_voxels: int = 256_000_000,
         max_slices: int = 1024,
         volume_axis: int = 2,
+        volume_batch: int = 8,
+        volume_window: VolumeWindow | None = None,
         datastore=None,
         uncertainty_tag: str = "uncertainty",
         store_uncertainty: bool = True,
@@ -148,6 +108,11 @@ class TextBundleInferTask(BundleInferTask):
         self.max_volume_voxels = int(max_volume_voxels)
         self.max_slices = int(max_slices)
         self.volume_axis = int(volume_axis)
+        if int(volume_batch) < 0:
+            raise ValueError(f"volume_batch must be >= 0 (0: one bundle run per slice), got {volume_batch}")
+        self.volume_batch = int(volume_batch)  # slices per network batch; 0: the per-slice path
+        self.volume_window = volume_window or VolumeWindow()
+        self.volume_log_every = 25  # a progress line every this many slices x prompts
         self.datastore = datastore
         self.uncertainty_tag = uncertainty_tag
         self.store_uncertainty = bool(store_uncertainty)
@@ -186,6 +151,12 @@ class TextBundleInferTask(BundleInferTask):
         self.default_samples = min(int(ns) if isinstance(ns, int) and ns >= 1 else 8, self.max_samples)
         self._config.update({"text": self.default_prompt, "num_samples": self.default_samples})
         self._check_checkpoint()
+        if self.volume_batch:  # a bundle whose preprocessing cannot be split is served per slice, said at start-up
+            try:
+                volume_path.split_preprocessing(self.pre_transforms(self.request_data({})[0]), self.input_key)
+            except volume_path.VolumeBatchError as e:
+                logger.warning("%s: %s; its volumes are segmented per slice", self.bundle_name, e)
+                self.volume_batch = 0
 
     # ------------------------------------------------------------------ config / checkpoint
     def _load_bundle_config(self, path, config):
@@ -225,6 +196,9 @@ class TextBundleInferTask(BundleInferTask):
             "default_prompt": self.default_prompt,
             "max_samples": self.max_samples,
             "volume_axis": self.volume_axis,
+            "volume_batch": self.volume_batch,
+            "volume_window": {"mode": self.volume_window.mode, "ct_window": list(self.volume_window.ct),
+                              "fixed": list(self.volume_window.fixed) if self.volume_window.fixed else None},
             "bundle_labels": self.bundle_labels,
             "uncertainty_tag": self.uncertainty_tag,
             "maps": {k: map_tag(self.uncertainty_tag, k) for k in ("uncertainty",) + self.map_keys},
@@ -258,7 +232,6 @@ class TextBundleInferTask(BundleInferTask):
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         inferer = self.inferer(data)
         network = self._get_network(device, data)
-        dev = torch.device(device)
         image = data[self.input_key]
         image = image if torch.is_tensor(image) else torch.from_numpy(np.asarray(image))
         ids, mask = data.get("text_ids"), data.get("text_mask")
@@ -268,8 +241,15 @@ class TextBundleInferTask(BundleInferTask):
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).long()
         if convert_to_batch:
             image, ids, mask = image[None], ids[None], mask[None]
-        num_samples = int(data.get("num_samples") or self.default_samples)
-        seed = data.get("seed")
+        out = self.infer_batch(inferer, network, image, ids, mask, int(data.get("num_samples") or self.default_samples),
+                               data.get("seed"), device)
+        data[self.output_label_key] = out[0] if convert_to_batch else out
+        return data
+
+    def infer_batch(self, inferer, network, image, ids, mask, num_samples: int, seed, device) -> torch.Tensor:
+        """The bundle inferer on a batch ``[B, C, H, W]`` with token tensors ``[B, L]``; a request ``seed`` replaces
+        the inferer's own for this call."""
+        dev = torch.device(device)
         old_seed = getattr(inferer, "seed", None)
         if seed is not None and hasattr(inferer, "seed"):
             inferer.seed = int(seed)
@@ -281,43 +261,12 @@ class TextBundleInferTask(BundleInferTask):
                 inferer.seed = old_seed
         if isinstance(out, dict):
             raise RuntimeError(f"{self.bundle_name}: inferer returned a dict; the contract asks for [B,2,H,W]")
-        data[self.output_label_key] = out[0] if convert_to_batch else out
-        return data
+        return out
 
     # ------------------------------------------------------------------ request handling
     def parse_request(self, request: dict) -> dict:
-        """Validated vlseg parameters of ``request``; raises :class:`RequestError` (-> HTTP 4xx)."""
-        check_device(request)
-        check_model_filename(request, os.path.join(self.bundle_path, "models"))
-        check_config_values(request, list(getattr(self, "displayable_configs", {}) or {}))
-        prompts = resolve_prompts(request, self.label_names, self._config.get("text") or self.default_prompt)
-        ext = request.get("result_extension")
-        if ext not in (None, "", ".png", ".nii", ".nii.gz", ".nrrd"):
-            raise RequestError(f"result_extension must be .png, .nii, .nii.gz or .nrrd, got {ext!r}")
-        return {
-            "prompts": prompts,
-            "num_samples": parse_int(request, "num_samples", self.default_samples, 1, self.max_samples),
-            "seed": parse_int(request, "seed", None, 0, 2**31 - 1),
-            "axis": parse_int(request, "axis", self.volume_axis, 0, 2),
-            "inline": parse_bool(request, "uncertainty_inline", False),
-            "maps": parse_map_names(request, "uncertainty_maps", self.map_keys),
-            "result_extension": ext or None,
-            "uncertain_threshold": self._uncertain_threshold(request),
-        }
-
-    def _uncertain_threshold(self, request: dict) -> float | None:
-        """Request ``uncertain_segments`` (true / false / a threshold in (0, 1]) over ``--conf uncertain_segments``;
-        ``true`` takes the configured threshold when there is one."""
-        value = request.get("uncertain_segments")
-        if value in (None, ""):
-            return self.uncertain_segments
-        try:
-            threshold = parse_threshold(value)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if threshold is not None and str(value).strip().lower() in ("true", "yes", "on"):
-            return self.uncertain_segments or threshold
-        return threshold
+        """Validated vlseg parameters of ``request`` (:func:`lib.infers.request.parse_request`)."""
+        return parse_request(self, request)
 
     def _run_2d(self, png_path: str, prompt: str, num_samples: int, seed, extra: dict,
                 shape_hw: tuple[int, int], callbacks=None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -327,12 +276,16 @@ class TextBundleInferTask(BundleInferTask):
         req.update({"image": png_path, "text": prompt, "num_samples": num_samples, "seed": seed, "skip_writer": True})
         with self.lock:
             _, data = BundleInferTask.__call__(self, req, callbacks)
+        return self.outputs_2d(data, shape_hw)
+
+    def outputs_2d(self, data: dict, shape_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Postprocessed ``data`` of one image -> (foreground mask, uncertainty, other maps), row-major ``shape_hw``."""
         keys = {"pred": self.output_label_key, "uncertainty": self.key_uncertainty,
                 **{k: k for k in self.map_keys if data.get(k) is not None}}
         h, w = shape_hw
         out = {}
         for name, key in keys.items():
-            a = _to_numpy_2d(data[key])
+            a = to_numpy_2d(data[key])
             if a.shape == (w, h) and (h != w or self._reversed_axes):
                 a = a.T
             if a.shape != (h, w):
@@ -341,73 +294,47 @@ class TextBundleInferTask(BundleInferTask):
         return out.pop("pred") > 0.5, out.pop("uncertainty"), out
 
     def predict(self, image_path: str, prompts: list[PromptSpec], num_samples: int, seed=None, axis: int | None = None,
-                extra: dict | None = None, callbacks=None) -> Prediction:
-        """Segment a 2D image or a NIfTI volume (slice by slice) for each prompt and combine the results.
+                extra: dict | None = None, callbacks=None, window: VolumeWindow | None = None) -> Prediction:
+        """Segment a 2D image or a NIfTI volume (slice-wise, :func:`lib.infers.volume.predict_volume`) for each
+        prompt and combine the results.
 
         The mask gets each prompt's value where that prompt is foreground (later prompts win on overlaps); every
-        uncertainty map is the element-wise maximum over the prompts.
+        uncertainty map is the element-wise maximum over the prompts. ``window``: the volume window (default the
+        task's ``--conf`` one); the modality comes from the datastore's info of ``extra["vlseg_image_id"]``.
         """
+        image_id = (extra or {}).get("vlseg_image_id")
         extra = {k: v for k, v in (extra or {}).items() if k in ("device", "model_filename", "logging")}
         kind = imageio.image_kind(image_path)
-        per_prompt = []
-        if kind == "2d":
-            try:
-                shape_hw = imageio.check_image_2d(image_path, self.max_image_pixels)
-            except imageio.ImageFileError as e:
-                raise RequestError(str(e), status=e.status) from None
-            mask = np.zeros(shape_hw, np.uint8)
-            unc = np.zeros(shape_hw, np.float32)
-            maps: dict[str, np.ndarray] = {}
-            for p in prompts:
-                fg, u, more = self._run_2d(image_path, p.prompt, num_samples, seed, extra, shape_hw, callbacks)
-                mask[fg] = p.value
-                np.maximum(unc, u, out=unc)
-                for k, a in more.items():
-                    np.maximum(maps.setdefault(k, np.zeros(shape_hw, np.float32)), a, out=maps[k])
-                per_prompt.append(self._prompt_stats(p, fg, u))
-            return Prediction("2d", mask, unc, per_prompt, maps=maps)
         if kind == "volume":
-            axis = self.volume_axis if axis is None else int(axis)
-            try:
-                ref, vol = imageio.load_volume(image_path, max_voxels=self.max_volume_voxels)
-            except imageio.ImageFileError as e:
-                raise RequestError(str(e), status=e.status) from None
-            except (OSError, ValueError) as e:
-                raise RequestError(f"cannot use the volume: {e}") from None
-            if vol.shape[axis] > self.max_slices:
-                raise RequestError(f"the volume has {vol.shape[axis]} slices along axis {axis}; at most "
-                                   f"{self.max_slices} are segmented per request (--conf max_slices)", status=413)
-            vol8 = imageio.window_to_uint8(vol)
-            mask = np.zeros(vol.shape, np.uint8)
-            unc = np.zeros(vol.shape, np.float32)
-            maps = {}
-            stats = {p: [np.zeros(vol.shape, bool), np.zeros(vol.shape, np.float32)] for p in prompts}
-            extra = dict(extra, logging="WARNING")
-            with tempfile.TemporaryDirectory(prefix="vlseg_slices_") as tmp:
-                for k in range(vol.shape[axis]):
-                    sl = np.take(vol8, k, axis=axis)
-                    png = imageio.write_slice_png(sl, os.path.join(tmp, f"slice_{k:04d}.png"))
-                    index = [slice(None)] * 3
-                    index[axis] = k
-                    index = tuple(index)
-                    for p in prompts:
-                        fg, u, more = self._run_2d(png, p.prompt, num_samples, seed, extra, sl.shape)
-                        mask[index][fg] = p.value
-                        unc[index] = np.maximum(unc[index], u)
-                        for name, a in more.items():
-                            m = maps.setdefault(name, np.zeros(vol.shape, np.float32))
-                            m[index] = np.maximum(m[index], a)
-                        stats[p][0][index], stats[p][1][index] = fg, u
-            per_prompt = [self._prompt_stats(p, *stats[p]) for p in prompts]
-            return Prediction("volume", mask, unc, per_prompt, ref=ref, axis=axis, maps=maps)
-        raise RequestError(f"unsupported image type {os.path.basename(image_path)!r}: use a 2D image "
-                           f"({', '.join(imageio.IMAGE_2D_EXT)}) or a NIfTI volume (.nii, .nii.gz)", status=415)
+            return volume_path.predict_volume(self, image_path, prompts, num_samples, seed,
+                                               self.volume_axis if axis is None else int(axis), extra,
+                                               window or self.volume_window, image_modality(self.datastore, image_id))
+        if kind != "2d":
+            raise RequestError(f"unsupported image type {os.path.basename(image_path)!r}: use a 2D image "
+                               f"({', '.join(imageio.IMAGE_2D_EXT)}) or a NIfTI volume (.nii, .nii.gz)", status=415)
+        try:
+            shape_hw = imageio.check_image_2d(image_path, self.max_image_pixels)
+        except imageio.ImageFileError as e:
+            raise RequestError(str(e), status=e.status) from None
+        mask = np.zeros(shape_hw, np.uint8)
+        unc = np.zeros(shape_hw, np.float32)
+        maps: dict[str, np.ndarray] = {}
+        per_prompt = []
+        for p in prompts:
+            fg, u, more = self._run_2d(image_path, p.prompt, num_samples, seed, extra, shape_hw, callbacks)
+            mask[fg] = p.value
+            np.maximum(unc, u, out=unc)
+            for k, a in more.items():
+                np.maximum(maps.setdefault(k, np.zeros(shape_hw, np.float32)), a, out=maps[k])
+            per_prompt.append(prompt_stats(p, fg, u))
+        return Prediction("2d", mask, unc, per_prompt, maps=maps)
 
-    @staticmethod
-    def _prompt_stats(p: PromptSpec, fg: np.ndarray, u: np.ndarray) -> dict:
-        s = uncertainty_scores(torch.from_numpy(np.ascontiguousarray(u)))
-        return {**p.as_dict(), "foreground_pixels": int(fg.sum()), "uncertainty_mean": round(s["mean"], 6),
-                "uncertainty_top5": round(s["top5"], 6), "uncertainty_max": round(s["max"], 6)}
+    def request_data(self, extra: dict) -> tuple[dict, str]:
+        """``(data, device)``: the task config updated with ``extra``, as MONAI Label's ``__call__`` builds it."""
+        data = copy.deepcopy(self._config)
+        data.update(extra)
+        data["device"] = name_to_device(data.get("device", "cuda"))
+        return data, data["device"]
 
     def __call__(self, request, callbacks=None):
         start = time.perf_counter()
@@ -419,65 +346,14 @@ class TextBundleInferTask(BundleInferTask):
             if not os.path.isfile(image):
                 raise RequestError(f"image {request.get('vlseg_image_id') or image!r} not found", status=404)
             pred = self.predict(image, params["prompts"], params["num_samples"], params["seed"], params["axis"],
-                                extra=request, callbacks=callbacks)
+                                extra=request, callbacks=callbacks, window=params["window"])
         except RequestError as e:
             logger.warning("%s: refused request: %s", getattr(self, "bundle_name", "?"), e)
             raise http_error(e) from None
         except Exception as e:
-            user = _user_error(e)
+            user = user_error(e)
             if user is None:
                 raise
             logger.warning("%s: refused input: %s", getattr(self, "bundle_name", "?"), user)
             raise http_error(user, 422) from None
-        infer_s = time.perf_counter() - start
-        scores = uncertainty_scores(torch.from_numpy(pred.uncertainty))
-        info: dict[str, Any] = {
-            "model": self.bundle_name,
-            "variant": self.variant,
-            "prompt": " | ".join(p.prompt for p in params["prompts"]),
-            "prompt_source": params["prompts"][0].source,
-            "prompts": pred.prompts,
-            "num_samples": params["num_samples"],
-            "seed": params["seed"],
-            "kind": pred.kind,
-            "shape": list(pred.mask.shape),
-            "axis": pred.axis,
-            "foreground_pixels": int((pred.mask > 0).sum()),
-            "uncertainty_mean": round(scores["mean"], 6),
-            "uncertainty_top5": round(scores["top5"], 6),
-            "uncertainty_max": round(scores["max"], 6),
-            "scores": {k: round(v, 6) for k, v in compute_scores(pred.all_maps(), mask=pred.mask > 0).items()},
-            "checkpoint": self.checkpoint(),
-            "label_names": {p.prompt: p.value for p in params["prompts"]},
-        }
-        if params["uncertain_threshold"] is not None:  # drawn in any labelmap viewer (lib.uncertain_segments)
-            pred.mask = add_uncertain_segments(pred.mask, pred.uncertainty, params["uncertain_threshold"])
-            extra = {n: v for n, v in uncertain_labels(info["label_names"]).items() if (pred.mask == v).any()}
-            info["label_names"].update(extra)
-            info["uncertain_segments"] = {"threshold": params["uncertain_threshold"], "segments": extra,
-                                          "pixels": int((pred.mask > OFFSET).sum())}
-        label_file = write_label(pred, params)
-        info["uncertainty"] = self._deliver(request, "uncertainty", pred.uncertainty, pred, params, info)
-        info["maps"] = {name: self._deliver(request, name, pred.maps[name], pred, params, info)
-                        for name in params["maps"] if name in pred.maps}
-        total = time.perf_counter() - start
-        info["latency_s"] = round(total, 4)
-        info["latencies"] = {"infer": round(infer_s, 4), "write": round(total - infer_s, 4), "total": round(total, 4)}
-        logger.info("%s: prompt=%r samples=%d %s mask=%s fg=%d unc_mean=%.4f unc_max=%.4f in %.2fs", self.bundle_name,
-                    info["prompt"], params["num_samples"], pred.kind, info["shape"], info["foreground_pixels"],
-                    info["uncertainty_mean"], info["uncertainty_max"], total)
-        return label_file, info
-
-    # ------------------------------------------------------------------ outputs
-    def _deliver(self, request: dict, name: str, array: np.ndarray, pred: Prediction, params: dict, info: dict) -> dict:
-        """Write the map ``name``, store it under its tag (:func:`lib.infers.outputs.map_tag`), inline on request."""
-        path, meta = write_map(pred, array)
-        label_info = {k: info[k] for k in ("model", "variant", "prompt", "num_samples", "kind")}
-        if name == "uncertainty":
-            label_info.update({k: info[k] for k in ("uncertainty_mean", "uncertainty_max", "uncertainty_top5")})
-        else:
-            label_info.update(map=name, mean=round(float(np.mean(array, dtype=np.float64)), 6))
-        out = deliver_map(self, request, map_tag(self.uncertainty_tag, name), path, meta, label_info)
-        if params["inline"]:
-            out["npy_base64"] = imageio.npy_base64(array)
-        return out
+        return answer(self, request, params, pred, start)

@@ -117,9 +117,10 @@ class UncertaintyScoring(ScoringMethod):
             return [PromptSpec(name, idx, "labels") for name, idx in self.label_names.items()]
         return [PromptSpec(task.default_prompt, 1, "default")]
 
-    def _score_one(self, task, path: str, prompts: list[PromptSpec], ns: int) -> dict:
-        """Scores and embedding of one image (runs in a worker thread)."""
-        pred = task.predict(path, prompts, ns, seed=None, extra={"logging": "WARNING"})
+    def _score_one(self, task, path: str, prompts: list[PromptSpec], ns: int, image_id: str | None = None) -> dict:
+        """Scores and embedding of one image (runs in a worker thread); ``image_id`` lets a volume get the window
+        inference gives it (e.g. the CT window of a CT series)."""
+        pred = task.predict(path, prompts, ns, seed=None, extra={"logging": "WARNING", "vlseg_image_id": image_id})
         scores = compute_scores(pred.all_maps(), mask=pred.mask > 0)
         return {"scores": scores, "embedding": image_embedding(path, getattr(task, "volume_axis", 2))}
 
@@ -159,7 +160,7 @@ class UncertaintyScoring(ScoringMethod):
         scored, failed = {}, {}
         t0 = time.time()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlseg-scoring") as pool:
-            jobs = {i: pool.submit(self._score_one, task, todo[i][0], todo[i][1], ns) for i in chosen}
+            jobs = {i: pool.submit(self._score_one, task, todo[i][0], todo[i][1], ns, i) for i in chosen}
             for image_id, job in jobs.items():  # datastore writes stay in this thread, in id order
                 try:
                     out = job.result()

@@ -33,6 +33,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 
 from lib.params import RequestError, check_config_values, check_device, check_model_filename, parse_float, parse_int
 from lib.trainset import build_text_datalist
+from lib.window import window_from_conf
 from vlseg.app_support.bundles import checkpoint_identity, config_files
 from vlseg.data.demo import PROMPT_KEYS
 
@@ -134,7 +135,8 @@ class TextBundleTrainTask(BundleTrainTask):
 
     # ------------------------------------------------------------------ data
     def _fetch_datalist(self, request, datastore):
-        items, warnings = build_text_datalist(datastore, os.path.join(self.cache_dir, "masks"), self.volume_axis)
+        items, warnings = build_text_datalist(datastore, os.path.join(self.cache_dir, "masks"), self.volume_axis,
+                                              window=window_from_conf(self.conf))  # the window inference uses
         if not items:
             detail = "; ".join(warnings[:5]) or "no image has a final label"
             raise RuntimeError(f"{self.name}: nothing to train on: {detail}. Save labels with a prompt, e.g. "
