@@ -7,6 +7,7 @@ generator's internals), so they test what downstream code will actually read.
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,9 +23,13 @@ from vlseg.data.demo import (
     ensure_demo_dataset,
     generate_demo_dataset,
     text_blind_ceiling,
+    volume_items,
 )
+from vlseg.data.volume_slices import window_to_uint8
 
-SMALL = {"n_images": (6, 2, 2), "n_volumes": 2, "volume_shape": (64, 64, 10)}
+APP = Path(__file__).resolve().parents[1] / "apps" / "vlseg"
+
+SMALL = {"n_images": (6, 2, 2), "n_volumes": (1, 1, 2), "volume_shape": (64, 64, 10)}
 SPLIT_FOLDERS = {"training": "train", "validation": "validation", "test": "test"}
 GRID = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
 
@@ -61,7 +66,12 @@ def _grid_word(mask: np.ndarray) -> str:
 
 
 def _all_2d_items(datalist):
-    return [item for key in SPLIT_FOLDERS for item in datalist[key]]
+    """The items of the 2D (RGB) images, without the slices of volumes."""
+    return [item for key in SPLIT_FOLDERS for item in datalist[key] if item.get("source") != "volume_slice"]
+
+
+def _slice_items(datalist, key):
+    return [item for item in datalist[key] if item.get("source") == "volume_slice"]
 
 
 # --------------------------------------------------------------------------- determinism
@@ -96,7 +106,7 @@ def test_layout_counts_and_split_folders(small_set):
     root, datalist = small_set
     image_ids = {}
     for key, folder in SPLIT_FOLDERS.items():
-        groups = _by_image(datalist[key])
+        groups = _by_image(item for item in datalist[key] if item.get("source") != "volume_slice")
         assert len(groups) == SMALL["n_images"][list(SPLIT_FOLDERS).index(key)]
         for image_id, items in groups.items():
             assert {item["image"] for item in items} == {f"images/{folder}/{image_id}.png"}
@@ -150,7 +160,9 @@ def test_sizes_ordered_by_area(small_set):
 def test_prompts(small_set):
     _, datalist = small_set
     assert datalist["prompt_keys"] == list(PROMPT_KEYS)
-    for items in _by_image(_all_2d_items(datalist) + datalist["volumes"]).values():
+    every = [item for key in SPLIT_FOLDERS for item in datalist[key]] + datalist["volumes"]
+    assert any(item.get("source") == "volume_slice" for item in every)
+    for items in _by_image(every).values():
         for item in items:
             prompts = item["prompts"]
             assert set(prompts) == set(PROMPT_KEYS)
@@ -194,7 +206,7 @@ def test_volumes(small_set):
     nib = pytest.importorskip("nibabel")
     root, datalist = small_set
     groups = _by_image(datalist["volumes"])
-    assert len(groups) == SMALL["n_volumes"]
+    assert len(groups) == sum(SMALL["n_volumes"])
     for vol_id, items in groups.items():
         image = nib.load(str(root / items[0]["image"]))
         assert image.shape == SMALL["volume_shape"]
@@ -284,3 +296,66 @@ def test_cli_small(tmp_path, capsys):
     assert "training" in out and "text-blind ceiling" in out
     datalist = json.loads((tmp_path / "datalist.json").read_text())
     assert datalist["seed"] == 1 and datalist["params"]["n_images"] == list(demo.SMALL_N_IMAGES)
+    assert datalist["params"]["n_volumes"] == list(demo.SMALL_N_VOLUMES)
+
+
+# --------------------------------------------------------------------------- volume splits and slices
+
+
+def test_volumes_have_their_own_split_and_test_volumes_are_held_out(small_set):
+    _, datalist = small_set
+    ids = {}
+    for split, n in zip(SPLIT_FOLDERS, SMALL["n_volumes"]):
+        vols = volume_items(datalist, split)
+        assert all(item["split"] == split for item in vols)
+        ids[split] = {item["image_id"] for item in vols}
+        assert len(ids[split]) == n
+        sliced = {item["volume_id"] for item in _slice_items(datalist, split)}
+        assert sliced == (ids[split] if split != "test" else set()), split
+    assert not (ids["training"] & ids["validation"]) and not (ids["test"] & (ids["training"] | ids["validation"]))
+    assert ids["test"] == {"vol_000", "vol_001"}  # one count = test volumes, named as before the split existed
+    slice_images = {item["image"] for key in SPLIT_FOLDERS for item in _slice_items(datalist, key)}
+    assert not any(vol_id in image for vol_id in ids["test"] for image in slice_images)
+
+
+def test_slice_items_are_the_apps_windowed_slices(small_set):
+    nib = pytest.importorskip("nibabel")
+    root, datalist = small_set
+    depth = SMALL["volume_shape"][2]
+    for split in ("training", "validation"):
+        slices = _slice_items(datalist, split)
+        vols = _by_image(volume_items(datalist, split))
+        assert len(slices) == depth * sum(len(items) for items in vols.values())  # every slice x every object
+        for item in slices:
+            vol_item = next(v for v in vols[item["volume_id"]] if v["object_index"] == item["object_index"])
+            volume = np.asarray(nib.load(str(root / vol_item["image"])).dataobj, dtype=np.float32)
+            mask3d = np.asanyarray(nib.load(str(root / vol_item["label"])).dataobj) > 0
+            k = item["slice_index"]
+            image = Image.open(root / item["image"])
+            assert image.mode == "L"
+            np.testing.assert_array_equal(np.asarray(image), window_to_uint8(volume)[:, :, k])
+            np.testing.assert_array_equal(_mask(root, item["label"]), mask3d[:, :, k])
+            assert item["empty"] == (not mask3d[:, :, k].any())
+            assert item["prompts"] == vol_item["prompts"] and item["text"] == vol_item["text"]
+            assert item["image_id"] == f"{item['volume_id']}_s{k:02d}"
+        assert any(item["empty"] for item in slices) and not all(item["empty"] for item in slices)
+
+
+def test_window_is_the_apps_window():
+    """The generator windows slices with the app's mapping (apps/vlseg/lib/imageio.window_to_uint8)."""
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.imageio import window_to_uint8 as app_window
+    finally:
+        sys.path.remove(str(APP))
+    rng = np.random.default_rng(0)
+    for volume in (rng.normal(0.4, 0.1, (16, 12, 5)).astype(np.float32), rng.integers(0, 200, (8, 8, 3)),
+                   np.full((4, 4, 2), 7.5, np.float32), rng.normal(-500, 300, (10, 10, 4))):
+        np.testing.assert_array_equal(window_to_uint8(volume), app_window(volume))
+
+
+def test_bad_volume_counts_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="n_volumes"):
+        generate_demo_dataset(tmp_path, n_images=(1, 0, 0), n_volumes=(1, 2))
+    with pytest.raises(ValueError, match="n_volumes"):
+        generate_demo_dataset(tmp_path, n_images=(1, 0, 0), n_volumes=(1, -1, 0))

@@ -114,13 +114,19 @@ def _bundle_env(bundle_dir: Path) -> dict:
     return env
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, timeout: float | None, log_path: Path | None) -> int:
-    """Run ``cmd`` in its own process group; on timeout stop that group (children first) and raise."""
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float | None, log_path: Path | None,
+         progress=None, max_seconds: float | None = None) -> int:
+    """Run ``cmd`` in its own process group; on timeout stop that group (children first) and raise.
+    With ``progress`` (a print function) and a ``log_path``, print the training's progress while waiting."""
     out = open(log_path, "w") if log_path else None
     try:
         proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
                                 start_new_session=True)
         try:
+            if progress is not None and log_path:
+                from vlseg.app_support.train_progress import wait_with_progress
+
+                return wait_with_progress(proc, log_path, cwd.name, max_seconds, timeout, log=progress)
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop_tree(proc)
@@ -180,7 +186,8 @@ def _weights_from_final_state(bundle_dir: Path, since: float, ckpt: Path) -> str
 
 def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, max_epochs: int | None = None,
                       timeout: float | None = None, force: bool = False, log_path=None,
-                      overrides: dict | None = None, max_seconds: float | None = None, check_fit: bool = True) -> Path:
+                      overrides: dict | None = None, max_seconds: float | None = None, check_fit: bool = True,
+                      shipped: bool = False, progress=None) -> Path:
     """Return ``<bundle>/models/model.pt``, training the ``variant`` first if needed.
 
     Trains when the checkpoint is missing, when ``force``, when ``models/vlseg_checkpoint.json`` records a
@@ -189,10 +196,32 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     bundle's own default, the demo set), ``max_epochs`` (default: the variant's) and ``max_seconds`` (the
     bundles' ``max_train_seconds`` wall-clock budget, ended gracefully after an epoch) are passed as overrides;
     ``timeout`` is a hard limit after which the training process is stopped. Raises :class:`BundleError` when training fails, times out or writes no checkpoint.
+
+    ``shipped``: use the repository's shipped checkpoint of this bundle and variant (``checkpoints/``,
+    :mod:`vlseg.app_support.shipped`) instead of training, re-installing it whenever ``models/model.pt`` is not
+    its unchanged install (e.g. after a training from the app); if it no longer fits the network, train.
+    ``progress``: a print function for per-step training progress with the time left (needs ``log_path``).
     """
     bundle_dir = Path(bundle_dir).resolve()
     variant = variant or None
     ckpt = checkpoint_path(bundle_dir)
+    if shipped and variant and not force:
+        from vlseg.app_support.shipped import install_shipped, shipped_is_installed, shipped_path
+
+        if shipped_is_installed(bundle_dir, variant):
+            return ckpt
+        if shipped_path(bundle_dir.name, variant).is_file():
+            if ckpt.is_file():
+                made_by = read_checkpoint_record(bundle_dir).get("variant") or "previous"
+                shutil.copy2(ckpt, ckpt.with_name(f"model.{made_by}.pt"))
+                logger.warning("%s: replacing models/model.pt by the shipped %s checkpoint (the old one is kept as "
+                               "models/model.%s.pt)", bundle_dir.name, variant, made_by)
+            try:
+                return install_shipped(bundle_dir, variant)
+            except BundleError as e:
+                logger.warning("%s: %s; training instead", bundle_dir.name, e)
+                if progress is not None:
+                    progress(f"[train {bundle_dir.name}] the shipped checkpoint cannot be used ({e}); training instead")
     record = read_checkpoint_record(bundle_dir)
     if ckpt.is_file() and not force:
         made_by = record.get("variant", "") if record else None
@@ -210,7 +239,8 @@ def ensure_checkpoint(bundle_dir, variant: str | None = "small", datalist=None, 
     logger.info("%s: training variant %r for a checkpoint: %s", bundle_dir.name, variant, " ".join(cmd))
     before = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
     start = time.time()
-    rc = _run(cmd, bundle_dir, _bundle_env(bundle_dir), timeout, Path(log_path) if log_path else None)
+    rc = _run(cmd, bundle_dir, _bundle_env(bundle_dir), timeout, Path(log_path) if log_path else None,
+              progress=progress, max_seconds=max_seconds)
     seconds = time.time() - start
     if rc != 0:
         where = f"; log: {log_path}" if log_path else ""

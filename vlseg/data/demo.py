@@ -39,9 +39,14 @@ Design
   another object of the same image).  Splits are by *image*.
 
 * **Volumes.**  A few NIfTI volumes follow the same recipe in 3D (ellipsoid-ish
-  blobs spanning several slices, one label volume per object).  Position words
-  refer to the in-plane slice ``vol[:, :, k]`` read like the PNGs: array axis 0
-  is top -> bottom and axis 1 is left -> right.
+  blobs spanning several slices, one label volume per object, grey MR-like
+  levels).  Position words refer to the in-plane slice ``vol[:, :, k]`` read
+  like the PNGs: array axis 0 is top -> bottom and axis 1 is left -> right.
+  Volumes have their own training / validation / test split.  The slices of the
+  training and validation volumes, windowed to uint8 exactly as the MONAI Label
+  app does before it runs a 2D bundle on a volume, are added to the 2D
+  ``training`` / ``validation`` items (:mod:`vlseg.data.volume_slices`), so the
+  bundles learn the grey slices; test volumes are held out whole.
 
 * **Determinism.**  Every image / volume draws from its own
   ``numpy.random.Generator`` seeded by ``(seed, stream, index)``, so the same
@@ -55,6 +60,8 @@ Output layout (``root`` chosen by the caller)::
     root/labels/{train,validation,test}/<image_id>_obj<k>.png  L, 0/255
     root/volumes/<vol_id>.nii.gz                              float32
     root/volume_labels/<vol_id>_obj<k>.nii.gz                 uint8, 0/1
+    root/slices/{train,validation}/<vol_id>_s<k>.png          L uint8 (windowed slice)
+    root/slice_labels/{train,validation}/<vol_id>_s<k>_obj<j>.png  L, 0/255
     root/datalist.json                                        MONAI datalist
     root/README.md
 
@@ -83,6 +90,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from vlseg.data.volume_slices import slice_fields, volume_slice_items
+
 __all__ = [
     "CATEGORIES",
     "PROMPT_KEYS",
@@ -93,6 +102,7 @@ __all__ = [
     "generate_demo_dataset",
     "position_word",
     "text_blind_ceiling",
+    "volume_items",
 ]
 
 # --------------------------------------------------------------------------- #
@@ -100,7 +110,7 @@ __all__ = [
 # --------------------------------------------------------------------------- #
 
 #: Bump when the generated content changes; cached sets are then regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 
 CATEGORIES = ("polyp", "cyst", "lesion")
 SHAPE_WORDS = {"polyp": "round", "cyst": "oval", "lesion": "irregular"}
@@ -141,8 +151,13 @@ OVERDESCRIPTIVE_CLAUSES = {
 #: (datalist key, folder name, random stream id) of the 2D splits.
 SPLITS = (("training", "train", 0), ("validation", "validation", 1), ("test", "test", 2))
 VOLUME_STREAM = 3
+#: (split, folder / volume-id part, random stream id) of the volumes; test volumes keep the old ids ``vol_000``
+#: and stream, so a set made with ``n_volumes=N`` (N test volumes) is unchanged.
+VOLUME_SPLITS = (("training", "train", 4), ("validation", "validation", 5), ("test", "test", VOLUME_STREAM))
 DEFAULT_N_IMAGES = (160, 24, 40)
+DEFAULT_N_VOLUMES = (6, 2, 4)
 SMALL_N_IMAGES = (6, 2, 2)
+SMALL_N_VOLUMES = (1, 1, 1)
 VOLUME_SPACING = (1.0, 1.0, 2.5)
 
 # Layout constants (fractions of the in-plane side unless stated otherwise).
@@ -554,15 +569,16 @@ def _generate_image_split(root: Path, folder: str, stream: int, n: int, seed: in
         _save_png(_render_rgb(rng, objects, size), root / image_rel)
         for obj, rel in zip(objects, label_rels):
             _save_png(obj.mask.astype(np.uint8) * 255, root / rel)
-        items.extend(_sample_records(rng, image_id, image_rel, label_rels, objects))
+        items.extend(dict(item, **slice_fields()) for item in _sample_records(rng, image_id, image_rel, label_rels, objects))
     return items
 
 
-def _generate_volumes(root: Path, n: int, seed: int, shape: tuple[int, int, int]) -> list[dict]:
+def _generate_volumes(root: Path, split: str, folder: str, stream: int, n: int, seed: int,
+                      shape: tuple[int, int, int]) -> list[dict]:
     items: list[dict] = []
     for index in range(n):
-        rng = np.random.default_rng([seed, VOLUME_STREAM, index])
-        vol_id = f"vol_{index:03d}"
+        rng = np.random.default_rng([seed, stream, index])
+        vol_id = f"vol_{index:03d}" if split == "test" else f"vol_{folder}_{index:03d}"
         objects = _layout_scene(rng, shape)
         image_rel = f"volumes/{vol_id}.nii.gz"
         label_rels = [f"volume_labels/{vol_id}_obj{k}.nii.gz" for k in range(len(objects))]
@@ -571,11 +587,12 @@ def _generate_volumes(root: Path, n: int, seed: int, shape: tuple[int, int, int]
             _save_nifti(obj.mask.astype(np.uint8), root / rel)
         for item in _sample_records(rng, vol_id, image_rel, label_rels, objects):
             item["spacing"] = list(VOLUME_SPACING)
+            item["split"] = split
             items.append(item)
     return items
 
 
-_OUTPUT_DIRS = ("images", "labels", "volumes", "volume_labels")
+_OUTPUT_DIRS = ("images", "labels", "volumes", "volume_labels", "slices", "slice_labels")
 _OUTPUT_FILES = ("datalist.json", "README.md")
 
 
@@ -587,13 +604,13 @@ def _clear_outputs(root: Path) -> None:
         (root / name).unlink(missing_ok=True)
 
 
-def _params(seed, n_images, image_size, n_volumes, volume_shape) -> dict[str, Any]:
+def _params(seed, n_images, image_size, n_volumes: Sequence[int], volume_shape) -> dict[str, Any]:
     return {
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "n_images": [int(n) for n in n_images],
         "image_size": int(image_size),
-        "n_volumes": int(n_volumes),
+        "n_volumes": [int(n) for n in n_volumes],
         "volume_shape": [int(n) for n in volume_shape],
     }
 
@@ -627,7 +644,7 @@ def generate_demo_dataset(
     seed: int = 0,
     n_images: Sequence[int] = DEFAULT_N_IMAGES,
     image_size: int = 192,
-    n_volumes: int = 4,
+    n_volumes: int | Sequence[int] = DEFAULT_N_VOLUMES,
     volume_shape: Sequence[int] = (96, 96, 12),
     overwrite: bool = False,
 ) -> dict:
@@ -640,7 +657,10 @@ def generate_demo_dataset(
         n_images: number of *images* in (training, validation, test); each
             image yields 2-3 samples.
         image_size: side of the square 2D images, in pixels.
-        n_volumes: number of 3D NIfTI volumes (datalist section ``volumes``).
+        n_volumes: number of 3D NIfTI volumes in (training, validation, test), or one number: that many
+            test volumes. All are in the datalist section ``volumes`` (each item with its ``split``); the
+            slices of the training and validation volumes are also 2D items of ``training`` / ``validation``
+            (:func:`vlseg.data.volume_slices.volume_slice_items`); test volumes are held out whole.
         volume_shape: (rows, cols, slices) of every volume.
         overwrite: regenerate even if ``root/datalist.json`` already matches
             these parameters (otherwise that datalist is returned as is).
@@ -650,6 +670,7 @@ def generate_demo_dataset(
         raise ValueError(f"n_images must be (train, validation, test), got {n_images!r}")
     if len(volume_shape) != 3:
         raise ValueError(f"volume_shape must have 3 entries, got {volume_shape!r}")
+    n_volumes = _volume_counts(n_volumes)
     params = _params(seed, n_images, image_size, n_volumes, volume_shape)
     if not overwrite:
         existing = _load_if_current(root, params)
@@ -671,11 +692,33 @@ def generate_demo_dataset(
     }
     for (key, folder, stream), n in zip(SPLITS, n_images):
         datalist[key] = _generate_image_split(root, folder, stream, int(n), int(seed), int(image_size))
-    datalist["volumes"] = _generate_volumes(root, int(n_volumes), int(seed), tuple(int(v) for v in volume_shape))
+    shape = tuple(int(v) for v in volume_shape)
+    datalist["volumes"] = []
+    for (key, folder, stream), n in zip(VOLUME_SPLITS, n_volumes):
+        volumes = _generate_volumes(root, key, folder, stream, n, int(seed), shape)
+        datalist["volumes"].extend(volumes)
+        if key != "test":  # the slices of training / validation volumes train the 2D bundles; test ones are held out
+            datalist[key].extend(volume_slice_items(root, volumes, folder))
     datalist["text_blind_ceiling"] = text_blind_ceiling(datalist, root, split="test")
     _write_readme(root, datalist)
     _write_json_atomic(datalist, root / "datalist.json")  # written last: marks a complete set
     return datalist
+
+
+def _volume_counts(n_volumes) -> tuple[int, int, int]:
+    """(training, validation, test) volume counts from a 3-sequence or one number (test volumes only)."""
+    if isinstance(n_volumes, (int, np.integer)):
+        counts = (0, 0, int(n_volumes))
+    else:
+        counts = tuple(int(n) for n in n_volumes)
+    if len(counts) != 3 or min(counts) < 0:
+        raise ValueError(f"n_volumes must be a count of test volumes or (train, validation, test), got {n_volumes!r}")
+    return counts  # type: ignore[return-value]
+
+
+def volume_items(datalist: Mapping, split: str) -> list[dict]:
+    """The 3D items of the ``split`` volumes (``"training"``, ``"validation"`` or ``"test"``)."""
+    return [item for item in datalist.get("volumes", []) if item.get("split", "test") == split]
 
 
 def default_demo_root() -> Path:
@@ -787,10 +830,13 @@ def _count_images(items: Sequence[Mapping]) -> int:
 
 
 def _summary_lines(datalist: Mapping) -> list[str]:
-    lines = [f"{'split':<11} {'images':>6} {'samples':>7}"]
-    for key in [k for k, _, _ in SPLITS] + ["volumes"]:
+    lines = [f"{'split':<11} {'images':>6} {'samples':>7} {'of them volume slices':>22} {'volumes':>7} {'samples':>7}"]
+    for key, _, _ in SPLITS:
         items = datalist.get(key, [])
-        lines.append(f"{key:<11} {_count_images(items):>6} {len(items):>7}")
+        slices = [item for item in items if item.get("source") == "volume_slice"]
+        volumes = volume_items(datalist, key)
+        lines.append(f"{key:<11} {_count_images(items):>6} {len(items):>7} {len(slices):>22} "
+                     f"{_count_images(volumes):>7} {len(volumes):>7}")
     return lines
 
 
@@ -814,7 +860,11 @@ def _write_readme(root: Path, datalist: Mapping) -> None:
             "mask is that object only and the prompts name exactly that object by category,",
             "size, brightness, shape and position (3x3 grid cell of the mask centroid).",
             "Splits are by image. The `volumes` section holds 3D NIfTI volumes built the same way",
-            f"(spacing {list(VOLUME_SPACING)} mm; positions refer to `vol[:, :, k]`, axis 0 = top->bottom).",
+            f"(spacing {list(VOLUME_SPACING)} mm; positions refer to `vol[:, :, k]`, axis 0 = top->bottom),",
+            "each item with its `split`. Every slice `vol[:, :, k]` of a training / validation volume, windowed",
+            "to uint8 as the MONAI Label app does, is also a grey 2D item of `training` / `validation`",
+            "(`source: volume_slice`, one per object, `empty: true` where the object misses that slice).",
+            "Test volumes are held out whole.",
             "",
             f"Parameters: `{json.dumps(params)}`",
             "",
@@ -842,13 +892,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlseg.data.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--small", action="store_true", help=f"tiny set: {SMALL_N_IMAGES} images, 2 volumes")
+    parser.add_argument("--small", action="store_true",
+                        help=f"tiny set: {SMALL_N_IMAGES} images, {SMALL_N_VOLUMES} volumes (train, validation, test)")
     parser.add_argument("--image-size", type=int, default=192)
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if an identical set exists")
     args = parser.parse_args(argv)
     kwargs: dict[str, Any] = {"seed": args.seed, "image_size": args.image_size, "overwrite": args.overwrite}
     if args.small:
-        kwargs.update(n_images=SMALL_N_IMAGES, n_volumes=2)
+        kwargs.update(n_images=SMALL_N_IMAGES, n_volumes=SMALL_N_VOLUMES)
     start = time.perf_counter()
     datalist = generate_demo_dataset(args.out, **kwargs)
     elapsed = time.perf_counter() - start

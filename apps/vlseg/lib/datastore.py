@@ -88,12 +88,12 @@ class PromptCheckingDatastore(LocalDatastore):
             self._on_modify_event(type("Moved", (), {"src_path": event.dest_path})())
 
     def save_label(self, image_id, label_filename, label_tag, label_info):
+        stored = label_filename
         try:
             if not isinstance(label_tag, str) or not _TAG_RE.match(label_tag):
                 raise RequestError(f"invalid label tag {label_tag!r}: letters, digits, '_' and '-' only")
             if not isinstance(image_id, str) or not self._datastore.objects.get(image_id):
                 raise RequestError(f"image {image_id!r} is not in the datastore", status=404)
-            stored = label_filename
             if label_tag == "final":  # a stripped copy: the caller's file is never changed
                 stored, label_info = strip_uncertain_label(label_filename, label_info)
             info = check_label_info(label_info, label_tag)
