@@ -157,9 +157,19 @@ class Report:
         self.results["wall_seconds"] = round(elapsed, 1)
         text = "\n".join(self.lines).rstrip() + f"\n\n---\nGenerated in {elapsed:.0f} s wall time.\n"
         path = self.out_dir / "report.md"
-        path.write_text(text)
-        (self.out_dir / "results.json").write_text(json.dumps(self.results, indent=2, default=_json_default) + "\n")
+        path.write_text(portable_paths(text))
+        results = json.dumps(self.results, indent=2, default=_json_default) + "\n"
+        (self.out_dir / "results.json").write_text(portable_paths(results))
         return path
+
+
+def portable_paths(text: str) -> str:
+    """Committed reports carry no machine paths: paths inside the repository become relative to it, paths in the
+    home folder start with ``~``."""
+    root = str(Path(__file__).resolve().parents[2]) + os.sep
+    text = text.replace(root, "")
+    home = os.path.expanduser("~").rstrip(os.sep)
+    return text.replace(home + os.sep, "~" + os.sep) if home else text
 
 
 def _json_default(o):
