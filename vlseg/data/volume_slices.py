@@ -24,17 +24,21 @@ __all__ = ["SLICE_AXIS", "slice_fields", "window_to_uint8", "volume_slice_items"
 SLICE_AXIS = 2
 
 
-def window_to_uint8(volume: np.ndarray) -> np.ndarray:
-    """Map a volume to 0..255 for the 2D bundles, the same way for inference and training.
+def window_to_uint8(volume: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+    """Map a volume to 0..255 for the 2D bundles, the same way for inference, training and the demo's slice items.
 
-    Integer volumes already within 0..255 are kept as they are; anything else is linearly mapped from its
-    0.5th..99.5th percentile to 0..255 (clipped), one window for the whole volume so slices stay comparable.
-    (The app's ``apps/vlseg/lib/imageio.window_to_uint8`` is the same mapping; a test checks they agree.)
+    With ``bounds = (lo, hi)`` (a fixed window, e.g. CT Hounsfield units) ``lo`` maps to 0 and ``hi`` to 255,
+    linearly, clipped. Without: integer volumes already within 0..255 are kept as they are; anything else is
+    linearly mapped from its 0.5th..99.5th percentile to 0..255 (clipped), one window for the whole volume so slices
+    stay comparable. (The app decides which a volume gets: ``apps/vlseg/lib/window.py``.)
     """
     v = np.asarray(volume, dtype=np.float32)
-    if v.size and v.min() >= 0 and v.max() <= 255 and np.all(np.mod(v, 1) == 0):
+    if bounds is not None:
+        lo, hi = float(bounds[0]), float(bounds[1])
+    elif v.size and v.min() >= 0 and v.max() <= 255 and np.all(np.mod(v, 1) == 0):
         return v.astype(np.uint8)
-    lo, hi = np.percentile(v, [0.5, 99.5]) if v.size else (0.0, 1.0)
+    else:
+        lo, hi = np.percentile(v, [0.5, 99.5]) if v.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((v - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)

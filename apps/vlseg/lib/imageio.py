@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vlseg.data.volume_slices import window_to_uint8  # noqa: F401 - one window for the app, training and the demo
+
 __all__ = [
     "is_upload",
     "discard_upload",
@@ -120,26 +122,6 @@ def load_volume(path: str, max_voxels: int | None = None):
     if not np.isfinite(arr).all():
         raise ValueError("the volume has NaN or infinite voxels")
     return img, arr
-
-
-def window_to_uint8(volume: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
-    """Map a volume to 0..255 for the 2D bundles, the same way for inference and training.
-
-    With ``bounds = (lo, hi)`` (a fixed window, e.g. CT Hounsfield units) ``lo`` maps to 0 and ``hi`` to 255,
-    linearly, clipped. Without: integer volumes already within 0..255 are kept as they are; anything else is
-    linearly mapped from its 0.5th..99.5th percentile to 0..255 (clipped), one window for the whole volume so slices
-    stay comparable. Which one a volume gets is decided by :func:`lib.window.window_volume`.
-    """
-    v = np.asarray(volume, dtype=np.float32)
-    if bounds is not None:
-        lo, hi = float(bounds[0]), float(bounds[1])
-    elif v.size and v.min() >= 0 and v.max() <= 255 and np.all(np.mod(v, 1) == 0):
-        return v.astype(np.uint8)
-    else:
-        lo, hi = np.percentile(v, [0.5, 99.5]) if v.size else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip((v - lo) * (255.0 / (hi - lo)), 0, 255).round().astype(np.uint8)
 
 
 def write_slice_png(slice_u8: np.ndarray, path) -> str:
