@@ -358,7 +358,7 @@ def test_app_lists_the_dicomweb_series(stack):
     assert sorted(info["models"]) == sorted(MODELS) and not info["vlseg"]["skipped"]
     assert info["labels"] == ["polyp", "cyst", "lesion"]  # a list: OHIF's panel appends to it
     assert info["datastore"]["total"] == 4  # 2 CT series + 2 secondary captures (CT-only was MONAI's default)
-    assert set(info["strategies"]) == {"uncertainty", "random", "first", "monai_random"}
+    assert set(info["strategies"]) == {"uncertainty", "diverse", "random", "first", "monai_random"}
     assert info["strategies"]["random"]["description"].startswith("Most uncertain")
 
 
@@ -539,7 +539,10 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         boxes = {r.find_elements(By.TAG_NAME, "td")[-1].text: r for r in tab.find_elements(By.CSS_SELECTOR,
                                                                                           "table.optionsTable tr")}
         assert {"polyp", "cyst", "lesion"} <= set(boxes)
-        boxes["polyp"].find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
+        box = boxes["polyp"].find_element(By.CSS_SELECTOR, "input[type=checkbox]")
+        # a panel tooltip can lie over the box for a moment: scroll it into view and click it as the page would
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", box)
+        assert box.is_selected()
         t0 = time.time()
         tab.find_element(By.XPATH, ".//button[normalize-space()='Run']").click()
         WebDriverWait(driver, 240).until(lambda d: "Run Class Based Inference - Successful" in body()
