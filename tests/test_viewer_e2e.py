@@ -281,6 +281,13 @@ def _ohif_infer(stack, model: str, series: str, params: dict) -> bytes:
     return r.content
 
 
+def _click(driver, element) -> None:
+    """Click a panel control as the page would, after scrolling it into view. The MONAI Label panel's accordion
+    animates and its tooltips can lie over a control for a moment; WebDriver's pointer click then lands on that
+    overlay ("element click intercepted") although a user's click a moment later would not."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", element)
+
+
 def _datastore(stack) -> dict:
     r = requests.get(f"{stack['url']}/datastore/", params={"output": "all"}, timeout=30)
     assert r.status_code == 200
@@ -533,18 +540,17 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
             assert sorted(o.get_attribute("value") for o in Select(sel).options) == sorted(MODELS)
 
         # 4. class prompt "polyp" with medclipseg; the app maps the class id to the word and returns an NRRD
-        driver.find_element(By.XPATH, "//label[normalize-space()='Class Prompts']").click()
+        _click(driver, driver.find_element(By.XPATH, "//label[normalize-space()='Class Prompts']"))
         tab = driver.find_element(By.XPATH, xp.format("Class Prompts"))
         Select(tab.find_element(By.CSS_SELECTOR, "select.selectBox")).select_by_value(OHIF_MODEL)
         boxes = {r.find_elements(By.TAG_NAME, "td")[-1].text: r for r in tab.find_elements(By.CSS_SELECTOR,
                                                                                           "table.optionsTable tr")}
         assert {"polyp", "cyst", "lesion"} <= set(boxes)
         box = boxes["polyp"].find_element(By.CSS_SELECTOR, "input[type=checkbox]")
-        # a panel tooltip can lie over the box for a moment: scroll it into view and click it as the page would
-        driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", box)
+        _click(driver, box)
         assert box.is_selected()
         t0 = time.time()
-        tab.find_element(By.XPATH, ".//button[normalize-space()='Run']").click()
+        _click(driver, tab.find_element(By.XPATH, ".//button[normalize-space()='Run']"))
         WebDriverWait(driver, 240).until(lambda d: "Run Class Based Inference - Successful" in body()
                                          or "Failed to Run Class Based Inference" in body())
         assert "Run Class Based Inference - Successful" in body()
@@ -567,11 +573,11 @@ def test_ohif_study_list_monai_label_panel_class_prompt_and_next_sample(stack, s
         # 6. active learning: the panel's Next Sample gives the most uncertain series. (This panel build always
         # requests strategy "random" -- its strategy selector has no change handler -- so for DICOMweb studies
         # the app answers "random" with the most-uncertain strategy; README, --conf ohif_next_sample.)
-        driver.find_element(By.XPATH, "//label[normalize-space()='Active Learning']").click()
+        _click(driver, driver.find_element(By.XPATH, "//label[normalize-space()='Active Learning']"))
         al = driver.find_element(By.XPATH, xp.format("Active Learning"))
         Select(al.find_element(By.CSS_SELECTOR, "select.actionInput")).select_by_value("uncertainty")
         expected_next = _expected_next(stack)
-        al.find_element(By.XPATH, ".//button[normalize-space()='Next Sample']").click()
+        _click(driver, al.find_element(By.XPATH, ".//button[normalize-space()='Next Sample']"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".nextSampleForm"))
         form = driver.find_element(By.CSS_SELECTOR, ".nextSampleForm").text
         assert f"Series Instance UID {expected_next}" in form
