@@ -25,15 +25,16 @@ def chromium_missing() -> str:
     return ""
 
 
-def start_chromium():
-    """Headless Chromium through chromedriver (selenium), with the browser log kept."""
+def start_chromium(args=None):
+    """Headless Chromium through chromedriver (selenium), with the browser log kept; ``args``: Chromium's command
+    line (default :data:`CHROMIUM_ARGS`)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     opts = Options()
     opts.binary_location = shutil.which("chromium")
-    for a in CHROMIUM_ARGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='vlseg_chromium_')}"]:
+    for a in list(args or CHROMIUM_ARGS) + [f"--user-data-dir={tempfile.mkdtemp(prefix='vlseg_chromium_')}"]:
         opts.add_argument(a)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)

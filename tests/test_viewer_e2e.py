@@ -472,17 +472,12 @@ def _chromium():
         pytest.skip(f"viewer end-to-end (browser): {' and '.join(missing)} not installed "
                     "(apt-get install chromium chromium-driver; bash scripts/install_viewer_deps.sh)")
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.options import Options
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         pytest.skip("viewer end-to-end (browser): the selenium package is not installed (requirements.txt)")
-    opts = Options()
-    opts.binary_location = shutil.which("chromium")
-    for a in CHROMIUM_ARGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='vlseg_chromium_')}"]:
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    from annotation_page import start_chromium
+
+    return start_chromium(CHROMIUM_ARGS)
 
 
 _LABELMAP_JS = """
