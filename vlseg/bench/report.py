@@ -166,10 +166,8 @@ class Report:
 def portable_paths(text: str) -> str:
     """Committed reports carry no machine paths: paths inside the repository become relative to it, paths in the
     home folder start with ``~``."""
-    from vlseg.bench.data import cache_dir
-
     root = str(Path(__file__).resolve().parents[2]) + os.sep
-    text = text.replace(str(cache_dir()).rstrip(os.sep) + os.sep, "<bench cache>/").replace(root, "")
+    text = text.replace(root, "")
     home = os.path.expanduser("~").rstrip(os.sep)
     return text.replace(home + os.sep, "~" + os.sep) if home else text
 
