@@ -132,12 +132,13 @@ def headline(name: str, res: dict) -> str:
         if name == "uncertainty":
             return ", ".join(f"{lab}: ECE {r['ece']:.3f}, AUROC {r['auroc_error']:.3f}" for lab, r in res.get("models", {}).items())
         if name == "active_learning":
-            u, r = res.get("fraction_needed_uncertainty"), res.get("fraction_needed_random")
-            def pct(v):
-                return f"{v:.1f} %" if v is not None else "not reached"
-
-            return (f"95 % of full-data Dice ({fmt(res.get('target_dice'))}) reached at {pct(u)} labelled "
-                    f"(uncertainty) vs {pct(r)} (random)")
+            cmp_, reg = res.get("comparison") or {}, res.get("regime") or {}
+            arms = ", ".join(f"{arm} AUC {c['auc']:.3f}" + (f" ({100 * c['saving']:.0f} % fewer labels)"
+                                                             if c.get("saving") is not None and arm != "random" else "")
+                             for arm, c in cmp_.items())
+            seeds = max((len(c.get("seeds", [])) for c in cmp_.values()), default=0)
+            return (f"{seeds} seeds; {arms or 'no finished curves'}; "
+                    f"{'data-limited' if reg.get('data_limited') else 'NOT data-limited' if reg.get('data_limited') is False else 'regime unknown'}")
     except Exception as e:  # noqa: BLE001
         return f"(no headline: {e})"
     return ""

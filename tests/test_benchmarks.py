@@ -56,6 +56,17 @@ def test_timing_helpers():
     assert peak_rss_mib() > 10
 
 
+def test_memory_guard_skips_what_would_not_fit():
+    from vlseg.bench.speed import available_mib, memory_guard
+
+    avail = available_mib()
+    assert avail is not None and avail > 0
+    assert memory_guard(None, 8) is None and memory_guard(1.0, 8) is None  # no estimate yet / tiny
+    why = memory_guard(avail / 4, 8)  # 8 images at a quarter of the free memory each: twice what is free
+    assert why and "predicted peak memory" in why and "8 x" in why
+    assert memory_guard(avail / 40, 8) is None and memory_guard(avail / 40, 8, factor=5.0)  # training: x factor
+
+
 def _script(name: str):
     import importlib.util
 

@@ -236,3 +236,28 @@ def test_vilmedsam_second_prompt_skips_sam_and_clip_image_side(vilmedsam):
     net.train()
     out = net(img, ids[:1])["logits"]
     assert out.requires_grad and len(net.feature_cache) == 0
+
+
+def test_caches_off_computes_everything_and_restores_the_caches(vilmedsam, tmp_path):
+    from vlseg.nets.feature_cache import caches_off, module_caches
+
+    net = _vm(vilmedsam)
+    net.prompter.cache_dir = tmp_path / "m2ib"
+    ids, _ = build_tokenizer("open_clip:ViT-B-16", 16)(["polyp"])
+    img = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        ref = net(img, ids)
+        names = sorted(c.name for c in module_caches(net))
+        assert names == ["m2ib maps", "vilmedsam features"]  # the network's and the prompter's, each once
+        with caches_off(net) as caches:
+            assert len(caches) == 2 and all(not c.enabled and len(c) == 0 for c in caches)
+            assert net.prompter.cache_dir is None
+            before = {c.name: dict(c.stats) for c in caches}
+            out = [net(img, ids) for _ in range(2)]
+            assert all(len(c) == 0 and c.stats["hits"] == before[c.name]["hits"] for c in caches)  # nothing served
+        assert all(torch.equal(o, ref) for o in out)
+        assert net.prompter.cache_dir == tmp_path / "m2ib" and all(c.enabled for c in module_caches(net))
+        net(img, ids)
+        # caching again: the SAM embedding, and the M2IB map read back from the folder the first call wrote
+        assert len(net.feature_cache) == 1 and len(net.prompter._cache) == 1
+        assert len(list((tmp_path / "m2ib").glob("*.pt"))) == 1

@@ -96,6 +96,13 @@ def test_infer_goes_to_the_workers_and_the_rest_to_the_primary(scaled):
     assert not any("uncertainty" in tag for obj in ds["objects"].values() for tag in obj.get("labels", {})), ds
 
 
+def test_worker_threads_share_the_cores():
+    from vlseg.app_support.scaled import thread_env, worker_threads
+
+    assert worker_threads(2, cores=2) == 1 and worker_threads(3, cores=8) == 2 and worker_threads(4, cores=2) == 1
+    assert thread_env(3)["OMP_NUM_THREADS"] == "3"
+
+
 def test_throughput_one_vs_two_workers(scaled):
     h = scaled["handle"]
     images = scaled["images"]
@@ -105,14 +112,16 @@ def test_throughput_one_vs_two_workers(scaled):
     port = free_port()
     text = render_nginx_conf(f"127.0.0.1:{port}", _addr(h.primary), [_addr(h.workers[0])], one_dir)
     proc, log = start_nginx(text, one_dir, f"http://127.0.0.1:{port}/info/")
+    urls = {"1 worker": f"http://127.0.0.1:{port}", "2 workers": h.url}
+    runs = {name: [] for name in urls}
     try:
-        one = burst(f"http://127.0.0.1:{port}", N_BURST, _send(f"http://127.0.0.1:{port}", images),
-                    probes=("/info/",), stagger=0.0)
+        for name in ("2 workers", "1 worker", "2 workers", "1 worker"):  # alternated, so neither gets the warm-up
+            runs[name].append(burst(urls[name], N_BURST, _send(urls[name], images), probes=("/info/",), stagger=0.0))
     finally:
         proc.terminate()
         proc.wait(10)
         log.close()
-    two = burst(h.url, N_BURST, _send(h.url, images), probes=("/info/",), stagger=0.0)
+    one, two = (min(runs[n], key=lambda r: r["wall"]) for n in ("1 worker", "2 workers"))  # best of two bursts each
     rate = {}
     for name, result in (("1 worker", one), ("2 workers", two)):
         print(f"\n[nginx] {name}:\n{summary(result)}")

@@ -52,6 +52,33 @@ def peak_rss_mib() -> float:
     return r / 2**20 if sys.platform == "darwin" else r / 1024.0
 
 
+def available_mib() -> float | None:
+    """Memory the kernel could still give this process (``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def memory_guard(per_image_mib: float | None, images: int, factor: float = 1.0, share: float = 0.8) -> str | None:
+    """Why a phase of ``images`` images must be skipped (None: it fits): its peak memory, predicted linearly from
+    ``per_image_mib`` (the batch-1 peak RSS increment) times ``factor`` (e.g. 3 for a training step), exceeds
+    ``share`` of the memory available now. Without this a batch of 8 SAM ViT-H images at 1024 x 1024 (global
+    attention maps of 8 x 16 x 4096 x 4096) gets the whole benchmark process killed by the kernel's OOM killer."""
+    avail = available_mib()
+    if not per_image_mib or avail is None:
+        return None
+    need = per_image_mib * images * factor
+    if need <= share * avail:
+        return None
+    return (f"predicted peak memory {need / 1024:.1f} GiB ({images} x {per_image_mib / 1024:.2f} GiB per image"
+            f"{f' x {factor:g}' if factor != 1 else ''}) exceeds {share:.0%} of the {avail / 1024:.1f} GiB available")
+
+
 def current_rss_mib() -> float:
     rss = _status_mib("VmRSS")
     if rss is not None:
@@ -162,8 +189,10 @@ def _loss(out, target: torch.Tensor) -> torch.Tensor:
 
 
 def run_case(spec: dict) -> dict[str, Any]:
-    from vlseg.nets.common import count_parameters, forward_flops
-    from vlseg.inferers import sample_probabilities
+    """Measure one model. Every cache the network holds (:func:`vlseg.nets.feature_cache.caches_off`: frozen text
+    states, image features, M2IB maps) is off, so each timed pass computes what its FLOPs count, as a first prompt
+    on a new image does; the repeated identical inputs of the timing loop would otherwise be served from them."""
+    from vlseg.nets.feature_cache import caches_off
 
     threads = spec.get("threads")
     if threads:
@@ -174,6 +203,17 @@ def run_case(spec: dict) -> dict[str, Any]:
     net, tok, facts = _build(spec)
     res.update(facts)
     res["build_s"] = time.perf_counter() - t0
+    with caches_off(net) as caches:
+        res["caches_off"] = sorted(c.name for c in caches)
+        _measure(spec, net, tok, facts, res)
+    res["total_s"] = time.perf_counter() - t0
+    return res
+
+
+def _measure(spec: dict, net, tok, facts: dict, res: dict) -> None:
+    from vlseg.nets.common import count_parameters, forward_flops
+    from vlseg.inferers import sample_probabilities
+
     res["params"] = count_parameters(net)
     res["rss_model_mib"] = current_rss_mib()
     res["rss_build_peak_mib"] = peak_rss_mib()
@@ -201,7 +241,12 @@ def run_case(spec: dict) -> dict[str, Any]:
     res["latency"] = {}
     per_image = None  # seconds per image of the first measured batch size: predicts the cost of the next ones
     min_rep = int(spec.get("min_repeats", 3))
+    mem_per_image = None  # peak RSS increment per image of the first measured batch size
     for b in spec.get("batches", [1, 8]):
+        why = memory_guard(mem_per_image, b)
+        if why:
+            res["latency"][str(b)] = {"skipped": why}
+            continue
         if max_s is not None and per_image is not None and per_image * b * (1 + min_rep) > max_s:
             res["latency"][str(b)] = {"skipped": f"predicted {per_image * b:.1f} s per pass (from the smaller batch), so "
                                                  f"{min_rep} timed passes + warm-up would exceed the {max_s:.0f} s guard "
@@ -218,6 +263,7 @@ def run_case(spec: dict) -> dict[str, Any]:
         res["latency"][str(b)] = r
         if per_image is None:
             per_image = (r.get("median_s") or r.get("warmup_s") or 0.0) / b
+            mem_per_image = max(r["rss_increment_mib"], 1.0) / b
     # the bundle's stochastic inference (num_samples passes, its own sampler or MC dropout), batch 1
     ns = int(facts.get("num_samples") or 1)
     if spec["kind"] == "bundle" and ns > 1 and spec.get("stochastic", True) and max_s is not None and per_image \
@@ -232,7 +278,10 @@ def run_case(spec: dict) -> dict[str, Any]:
         res["stochastic_b1"] = r
     # training throughput
     tb, steps = int(spec.get("train_batch", 8)), int(spec.get("train_steps", 3))
-    if steps > 0 and max_s is not None and per_image and 3.0 * per_image * tb * 2 > max_s:
+    why = memory_guard(mem_per_image, tb, factor=3.0) if steps > 0 else None
+    if why:
+        res["train"] = {"batch": tb, "skipped": why}
+    elif steps > 0 and max_s is not None and per_image and 3.0 * per_image * tb * 2 > max_s:
         res["train"] = {"batch": tb, "skipped": f"predicted {3.0 * per_image * tb:.1f} s per step (3x the forward pass) "
                                                 f"exceeds half the {max_s:.0f} s guard"}
     elif steps > 0:
@@ -241,8 +290,6 @@ def run_case(spec: dict) -> dict[str, Any]:
         res["train"] = _train_throughput(net, inputs, tb, steps, max_s)
         res["train"]["rss_peak_mib"] = peak_rss_mib()
         res["train"]["rss_increment_mib"] = res["train"]["rss_peak_mib"] - before
-    res["total_s"] = time.perf_counter() - t0
-    return res
 
 
 def _train_throughput(net, inputs, batch: int, steps: int, max_seconds) -> dict[str, Any]:

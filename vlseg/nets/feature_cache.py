@@ -13,6 +13,8 @@ seen (CLIP's text side in Simple-ViLMedSAM, UA-VLS's BERT). This module holds th
 * :func:`is_deterministic` -- a module may be served from a cache only under ``no_grad`` with every submodule in
   eval mode, except dropout / drop-path layers whose probability is 0 (Monte-Carlo dropout switches those on).
 * :func:`cached_rows` -- run ``fn`` only on the batch rows whose (content, weights) key is not cached.
+* :func:`module_caches` / :func:`caches_off` -- every cache a network holds, and a context that switches all of
+  them off (benchmarks that time what a first prompt on a new image costs).
 * :class:`FeatureCacheMixin` -- for a network (listed before ``nn.Module``): owns ``self.feature_cache`` and
   clears it on ``load_state_dict`` (pre-hook), on ``train(True)`` and on ``_apply`` (device / dtype moves).
 
@@ -24,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["TensorLRU", "tensor_digest", "weights_version", "is_deterministic", "cached_rows", "FeatureCacheMixin"]
+__all__ = ["TensorLRU", "tensor_digest", "weights_version", "is_deterministic", "cached_rows", "module_caches",
+           "caches_off", "FeatureCacheMixin"]
 
 _MB = 1 << 20
 
@@ -213,6 +217,54 @@ def cached_rows(cache: TensorLRU | None, namespace: Hashable, fn: Callable, x: t
 def _as_like(row):
     """Structure template of a cached row: a tensor, or a list of templates (networks index stage outputs)."""
     return row if isinstance(row, torch.Tensor) else [_as_like(r) for r in row]
+
+
+def _holders(module: nn.Module) -> list:
+    """``module``, its submodules, and the plain objects they hold as attributes (e.g. Simple-ViLMedSAM's M2IB
+    prompter, which is not an ``nn.Module``)."""
+    out: dict[int, object] = {}
+    for m in module.modules():
+        out[id(m)] = m
+        for v in vars(m).values():
+            if not isinstance(v, (nn.Module, torch.Tensor, TensorLRU)) and hasattr(v, "__dict__") \
+                    and not isinstance(v, type):
+                out.setdefault(id(v), v)
+    return list(out.values())
+
+
+def module_caches(module: nn.Module) -> list[TensorLRU]:
+    """Every :class:`TensorLRU` held by ``module``, its submodules or the plain objects they hold (each once)."""
+    found: dict[int, TensorLRU] = {}
+    for h in _holders(module):
+        for v in vars(h).values():
+            if isinstance(v, TensorLRU):
+                found[id(v)] = v
+    return list(found.values())
+
+
+@contextmanager
+def caches_off(module: nn.Module) -> Iterator[list[TensorLRU]]:
+    """Inside the block every cache of ``module`` (:func:`module_caches`) is empty and stores nothing, and an
+    object that holds one of them and a disk folder ``cache_dir`` (Simple-ViLMedSAM's M2IB maps) has no folder:
+    each call computes everything, as a first prompt on a new image does. Sizes and folders come back afterwards;
+    what the caches held before is dropped."""
+    caches = module_caches(module)
+    held = {id(c) for c in caches}
+    folders = [(h, h.cache_dir) for h in _holders(module)
+               if getattr(h, "cache_dir", None) is not None and any(id(v) in held for v in vars(h).values())]
+    sizes = [(c, c.max_bytes) for c in caches]
+    for c in caches:
+        c.clear()
+        c.max_bytes = 0
+    for h, _ in folders:
+        h.cache_dir = None
+    try:
+        yield caches
+    finally:
+        for c, size in sizes:
+            c.max_bytes = size
+        for h, folder in folders:
+            h.cache_dir = folder
 
 
 class FeatureCacheMixin:
