@@ -214,7 +214,12 @@ def main(argv=None) -> int:
           f"{args.train_batch}" + (f", every input forced to {args.image_size}x{args.image_size}" if args.image_size else
                                    ", inputs at each model's own size (bundles: their preprocessing; SAM: 1024)") + ". "
           "Random weights; trainable parameters (and what the training steps update) as each config sets them, i.e. "
-          "the paper's frozen encoders stay frozen unless the variant's `train_encoders` says otherwise.")
+          "the paper's frozen encoders stay frozen unless the variant's `train_encoders` says otherwise. "
+          "Every cache of a network is off while it is measured (frozen text states, image features, Simple-ViLMedSAM's "
+          "M2IB maps: `vlseg.nets.feature_cache.caches_off`), so each timed pass costs what a first prompt on a new "
+          "image costs and computes exactly the FLOPs counted; the app's second-prompt savings are in its README. "
+          "A larger batch or a training step is skipped when its memory, predicted from the batch-1 peak, would not "
+          "fit.")
     ok = [r for r in results if "error" not in r]
     ref = next((r for r in ok if r["label"] == "monai_unet"), None)
     ref_lat = _lat(ref, 1).get("median_s") if ref else None
